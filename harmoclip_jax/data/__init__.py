@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders), lexeme extraction and grain pipelines."""

@@ -1,0 +1,1 @@
+"""CLIP towers (Flax NNX), variant table and checkpoint conversion."""

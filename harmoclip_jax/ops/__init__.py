@@ -1,0 +1,1 @@
+"""Pure jax.numpy ops: region pooling and box helpers (no Flax)."""
