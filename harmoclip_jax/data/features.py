@@ -1,0 +1,47 @@
+"""The one record schema every dataset builder writes and every pipeline reads.
+
+Training sets (scenes, COCO train2017), retrieval sets (COCO val2017, Flickr30k) and box-classification sets
+(scenes, COCO panoptic) all share it, so one grain pipeline serves them all. Fields a dataset does not have are
+left empty (no regions, no captions) rather than omitted.
+
+Conventions:
+- `image`: encoded JPEG/PNG, decoded to uint8 HWC by TFDS (no TensorFlow needed).
+- `captions`: global captions of the whole image (COCO: 5).
+- `regions/box`: xyxy, NORMALISED to [0, 1] by the ORIGINAL image width/height, so boxes survive any resize.
+- `regions/caption`: a sentence describing the region ("" if the dataset has none).
+- `regions/lexeme`: the region's lexeme, a short noun phrase ("red circle"); "" if none.
+- `regions/label`: class index into the dataset's class list (`DatasetInfo.metadata["class_names"]`), -1 if the
+  region is unlabelled (proposals).
+Class metadata (names, and `is_thing` for panoptic) goes into `tfds.core.MetadataDict` under the keys
+`class_names` and `is_thing`.
+
+Read back through `tfds.data_source` (no TensorFlow), a record is a dict: `image` uint8 HWC ndarray, `image_id`
+int, `file_name` bytes, `captions` list[bytes], and `regions` a dict of lists (`box` list of float32 (4,) arrays,
+`caption`/`lexeme` list[bytes], `label` list[np.int64]); an image with no regions has empty lists.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+NO_LABEL = -1
+
+
+def record_features(encoding_format: str = "jpeg") -> tfds.features.FeaturesDict:
+    """The TFDS FeaturesDict of an image-text-regions record (see module docstring)."""
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding_format),
+            "image_id": tfds.features.Scalar(dtype=np.int64),
+            "file_name": tfds.features.Text(),
+            "captions": tfds.features.Sequence(tfds.features.Text()),
+            "regions": tfds.features.Sequence(
+                {
+                    "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+                    "caption": tfds.features.Text(),
+                    "lexeme": tfds.features.Text(),
+                    "label": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
+        }
+    )
