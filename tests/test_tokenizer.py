@@ -21,6 +21,7 @@ HARD_STRINGS = [
     "&lt;b&gt;bold&lt;/b&gt;",
     "&amp;amp;",  # double-escaped: open_clip unescapes twice
     "fish &amp;amp;amp; chips",
+    "<b>x</b> &amp;amp; y",  # with a "<" ftfy leaves entities alone; our two unescapes matter
     "&quot;quoted&quot; &#39;x&#39; &nbsp;nbsp",
     "ﬁsh ﬂower ﬀ",  # ligatures, fixed by ftfy
     "Ǆ ǅ ǆ",  # ftfy splits these digraphs
