@@ -114,9 +114,12 @@ class Tokenizer:
     `tokenizer(texts, context_length=77)` -> np.int32 array (N, context_length).
     """
 
-    def __init__(self, *, backend, name: str, sot: int, eot: int, size: int):
-        # Private: use the classmethods. `backend` is "instant" or "hf" specific state.
+    def __init__(self, *, backend, name: str, sot: int, eot: int, size: int, recipe: tuple):
+        # Private: use the classmethods. `recipe` = (classmethod name, args) rebuilds this object,
+        # which makes it picklable (grain's spawned workers pickle map transforms holding it);
+        # the Rust/HF backends themselves cannot be pickled.
         self._backend = backend
+        self._recipe = recipe
         self.name = name
         self.sot_token = sot
         self.eot_token = eot
@@ -141,7 +144,7 @@ class Tokenizer:
                 f"{sot_token}/{eot_token}; this version is not the OpenAI CLIP vocabulary."
             )
         return cls(backend=_InstantBackend(backend), name="instant-clip-tokenizer",
-                   sot=sot, eot=eot, size=vocab_size)
+                   sot=sot, eot=eot, size=vocab_size, recipe=("default", ()))
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -170,8 +173,9 @@ class Tokenizer:
                 f"Tokenizer.from_hf_dir: tokenizer in {path!r} has no bos/eos token "
                 f"(bos={hf.bos_token!r}, eos={hf.eos_token!r}); not a CLIP tokenizer."
             )
+        _use_open_clip_pre_tokenization(hf)
         return cls(backend=_HFBackend(hf, sot, eot), name=f"hf:{path}",
-                   sot=sot, eot=eot, size=len(hf))
+                   sot=sot, eot=eot, size=len(hf), recipe=("from_hf_dir", (path,)))
 
     # ---- use ----------------------------------------------------------------------------------
     def __call__(
@@ -209,8 +213,16 @@ class Tokenizer:
             raise ValueError(f"decode(): ids {bad[:5]} are outside [0, {self.vocab_size}).")
         return self._backend.decode(ids).strip()
 
+    def __reduce__(self):
+        method, args = self._recipe
+        return (_rebuild, (method, args))
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.name}, vocab_size={self.vocab_size})"
+
+
+def _rebuild(method: str, args: tuple) -> Tokenizer:
+    return getattr(Tokenizer, method)(*args)
 
 
 class _InstantBackend:
@@ -232,6 +244,26 @@ class _InstantBackend:
         return self._tok.decode(ids)
 
 
+# open_clip's pre-tokenizer pattern minus its special literals (handled by _HFBackend). HF's CLIP
+# pattern starts with "<|startoftext|>|<|endoftext|>", which isolates those literals where open_clip
+# lets a punctuation run continue ("<|endoftext|>:" ends in "|>:" there).
+_OPEN_CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _use_open_clip_pre_tokenization(hf) -> None:
+    """Make an HF CLIP tokenizer split text exactly like open_clip: our cleaning replaces HF's
+    normalizer (its NFC would compose e.g. "e&#769;" after our unescape, open_clip does not), and
+    open_clip's regex + plain byte mapping replace HF's pre-tokenizer."""
+    from tokenizers import Regex, pre_tokenizers
+
+    backend = hf.backend_tokenizer
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_OPEN_CLIP_WORD_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+
+
 class _HFBackend:
     def __init__(self, hf, sot: int, eot: int):
         self._hf = hf
@@ -241,8 +273,7 @@ class _HFBackend:
         import regex
 
         self._open_clip_pattern = regex.compile(
-            "|".join(_OPEN_CLIP_SPECIAL_LITERALS)
-            + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            "|".join(_OPEN_CLIP_SPECIAL_LITERALS) + "|" + _OPEN_CLIP_WORD_PATTERN,
             regex.IGNORECASE,
         )
         self._literal_ids = {_OPEN_CLIP_SPECIAL_LITERALS[0]: sot, _OPEN_CLIP_SPECIAL_LITERALS[1]: eot}
