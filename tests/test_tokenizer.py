@@ -46,7 +46,7 @@ HARD_STRINGS = [
     "!!<end_of_text>",  # ...unless a punctuation run swallows the "<"
     "<|endoftext|> <|startoftext|>",  # HF's specials are plain text to open_clip
     "<|endoftext|>:",  # ...and a punctuation run continues through them
-    "e&#769; not composed",  # unescaped after ftfy's NFC: must stay decomposed
+    "<i>e&#769;</i> stays decomposed",  # with a "<" ftfy skips entities, so no NFC after ours
     "\u200b zero width \ufeff bom",
     "control\x00\x07chars\x7f",
     "mojibake: cafÃ©",
