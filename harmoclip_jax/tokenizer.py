@@ -16,8 +16,9 @@ Backends:
     CLIP checkpoint directory, through `transformers.CLIPTokenizer`.
 
 Known deviations from open_clip, both confined to characters no caption should contain:
-  * a lone U+0345 (combining Greek ypogegrammeni): open_clip's regex runs with IGNORECASE, which
-    case-folds it to iota and so treats it as a letter;
+  * U+0345 (combining Greek ypogegrammeni) left uncomposed after NFC: open_clip's regex runs with
+    IGNORECASE, case-folds it to iota and ends up dropping it ("a\u0345b" -> "a", "b"); we keep
+    its bytes as tokens;
   * code points unassigned in Python 3.11's Unicode 14 tables: open_clip classifies them with the
     `regex` package's newer Unicode tables, so its own output depends on the installed `regex`.
 """
