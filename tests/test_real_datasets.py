@@ -123,9 +123,9 @@ def write_fake_coco_val(root: Path):
     _json(root / "annotations/captions_val2017.json", {"images": images, "annotations": captions})
 
 
-def write_fake_flickr(root: Path, annotation_format: str):
+def write_fake_flickr(root: Path, annotation_format: str, image_dir: str = "flickr30k-images"):
     for k, name in enumerate(["1000092795.jpg", "10002456.jpg", "1001.jpg"]):
-        _jpeg(root / "flickr30k-images" / name, 24, 16, seed=k)
+        _jpeg(root / image_dir / name, 24, 16, seed=k)
     if annotation_format == "karpathy":
         images = [
             {"filename": "1000092795.jpg", "split": "test", "sentences": [{"raw": f"a {k} "} for k in range(5)]},
@@ -283,9 +283,12 @@ def test_coco_retrieval_keeps_first_five_captions(coco_dir, tmp_path):
     assert len(records[101]["regions"]["box"]) == 0
 
 
-@pytest.mark.parametrize("annotation_format", ["karpathy", "albef"])
-def test_flickr30k_retrieval(tmp_path, annotation_format):
-    write_fake_flickr(tmp_path / "manual", annotation_format)
+@pytest.mark.parametrize(
+    "annotation_format, image_dir",
+    [("karpathy", "flickr30k-images"), ("albef", "flickr30k-images"), ("albef", "flickr30k_images")],
+)
+def test_flickr30k_retrieval(tmp_path, annotation_format, image_dir):
+    write_fake_flickr(tmp_path / "manual", annotation_format, image_dir)
     builder = _build(Flickr30kRetrieval, tmp_path / "manual", tmp_path / "out")
     records = _records(builder, "test")
     assert sorted(records) == [1001, 1000092795]  # only the test split, ids from the file names

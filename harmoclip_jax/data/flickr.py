@@ -6,7 +6,8 @@ It reads either annotation format found in manual_dir (the first present wins):
   the images with split == "test" are used;
 - `flickr30k_test.json` (ALBEF/BLIP, what FineCLIP evaluates on): [{"image": "flickr30k-images/x.jpg",
   "caption": [5 sentences]}, ...].
-Images: manual_dir/flickr30k-images/*.jpg. Each image keeps exactly 5 captions (the first 5 if more).
+Images: manual_dir/flickr30k-images/*.jpg (the archive's name; FineCLIP's layout calls it flickr30k_images/, which
+is accepted too). Each image keeps exactly 5 captions (the first 5 if more).
 `image_id` is the numeric Flickr photo id of the file name (e.g. 1000092795.jpg -> 1000092795).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from harmoclip_jax.data.manual_files import (
 KARPATHY_FILE = "dataset_flickr30k.json"
 ALBEF_FILE = "flickr30k_test.json"
 IMAGE_DIR = "flickr30k-images"
+IMAGE_DIR_ALIASES = (IMAGE_DIR, "flickr30k_images")  # the tarball's name, FineCLIP's README name
 
 FLICKR_DOWNLOAD_HELP = f"""\
 Images: request Flickr30k at https://shannon.cs.illinois.edu/DenotationGraph/ (flickr30k-images.tar.gz) and
@@ -44,10 +46,18 @@ def _photo_id(file_name: str, fallback: int) -> int:
     return int(stem) if stem.isdigit() else fallback
 
 
+def image_dir(root: Path) -> Path:
+    """manual_dir/flickr30k-images, or FineCLIP's manual_dir/flickr30k_images if only that exists."""
+    for name in IMAGE_DIR_ALIASES:
+        if (root / name).is_dir():
+            return root / name
+    return root / IMAGE_DIR
+
+
 def _resolve_image(root: Path, image: str) -> Path:
-    """An annotation's image path: as given relative to manual_dir, else its file name in flickr30k-images/."""
+    """An annotation's image path: as given relative to manual_dir, else its file name in the image folder."""
     direct = root / image
-    return direct if direct.is_file() else root / IMAGE_DIR / Path(image).name
+    return direct if direct.is_file() else image_dir(root) / Path(image).name
 
 
 def flickr30k_test_items(root: Path) -> tuple[list[tuple[int, Path, list[str]]], str]:
@@ -91,12 +101,12 @@ class Flickr30kRetrieval(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         root = manual_dir_of(dl_manager)
-        expected = {f"{IMAGE_DIR}/": "Flickr30k images"}
+        expected = {f"{image_dir(root).name}/": "Flickr30k images"}
         if not (root / ALBEF_FILE).is_file():  # either annotation file will do; name the Karpathy one if neither
             expected[KARPATHY_FILE] = f"Karpathy split annotations, or instead {ALBEF_FILE} (ALBEF/BLIP format)"
         require_files(root, expected, "flickr30k_retrieval", FLICKR_DOWNLOAD_HELP)
         items, source = flickr30k_test_items(root)
-        require_images([path for _, path, _ in items], "flickr30k_retrieval", root / IMAGE_DIR)
+        require_images([path for _, path, _ in items], "flickr30k_retrieval", image_dir(root))
         self.info.metadata.update({"class_names": [], "build_stats": {"images": len(items), "annotations": source}})
         return {"test": self._generate_examples(items)}
 
