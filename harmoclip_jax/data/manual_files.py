@@ -87,12 +87,6 @@ def image_for_tfds(path: Path):
         return image.convert("RGB")
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header."""
-    with Image.open(path) as image:
-        return image.size
-
-
 def passes_size_filter(w: float, h: float, min_size: float = MIN_BOX_SIZE, max_size: float = MAX_BOX_SIZE) -> bool:
     """FineCLIP's filter: keep a box unless its area w*h < min_size**2 or > max_size**2 (pixels)."""
     area = w * h

@@ -85,7 +85,8 @@ def prepare(dataset: str, data_dir: str, manual_dir: str | None = None, config: 
     builder = make_builder(dataset, data_dir, config, options)
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not manual_dir:
         raise ValueError(f"{dataset} is built from manually downloaded files: pass --manual_dir (docs/datasets.md)")
-    mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    modes = tfds.download.GenerateMode
+    mode = modes.FORCE_REDOWNLOAD if overwrite else modes.REUSE_DATASET_IF_EXISTS
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
     )
