@@ -86,8 +86,9 @@ _CONCEPT_TEACHERS = ("region", "crop")
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
     """x / max(||x||, eps) in float32 (like torch F.normalize); zero vectors stay zero, never NaN."""
     x = jnp.asarray(x, jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    # Clamp the squared norm before the sqrt: sqrt's derivative at 0 is inf, and inf * 0 = NaN
+    # would leak into the gradient of an all-zero (e.g. fully padded, pooled) vector.
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
 def _masked_mean(values, mask):
