@@ -264,9 +264,15 @@ def _skip(record: dict, record_index: int, problems: list[str]) -> dict:
     return {"_skip": True, "_problems": (_describe(record, record_index), tuple(problems))}
 
 
-def attach_index(index: int, record: dict) -> tuple[int, dict]:
-    """Pairs a record with its index in the split (applied right after the source, so index = record index)."""
-    return index, record
+class AttachIndex:
+    """Pairs a record with its index in the split. Applied right after the source; grain passes indices of later
+    epochs unreduced (index + epoch * length), hence the modulo."""
+
+    def __init__(self, num_records: int):
+        self.num_records = num_records
+
+    def __call__(self, index: int, record: dict) -> tuple[int, dict]:
+        return index % self.num_records, record
 
 
 class _SkipBadRecordsIterator(grain.DatasetIterator):
@@ -443,7 +449,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, data_dir: str | Non
     seed = config.seed if seed is None else seed
     if source is None:
         source = open_source(config.dataset, config.train_split, data_dir or config.data_dir)
-    ds = grain.MapDataset.source(source).map_with_index(attach_index)
+    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))
     ds = ds[process_index::process_count]
     if len(ds) < config.batch_size:
         raise ValueError(f"process {process_index} has {len(ds)} training records, fewer than one batch "
@@ -474,8 +480,7 @@ def make_eval_dataset(config: ml_collections.ConfigDict, *, split: str | None = 
     if source is None:
         source = open_source(config.dataset, split, data_dir or config.data_dir)
     record_indices = np.arange(len(source))[process_index::process_count]
-    # Every process runs the same number of batches, sized by the largest shard.
-    batches = math.ceil(math.ceil(len(source) / process_count) / config.eval_batch_size)
+    batches = num_eval_batches(config, len(source), process_count)
     transform = EvalTransform(source=source, record_indices=record_indices, image_size=config.image_size,
                               max_regions=config.eval_max_regions, num_captions=config.eval_captions,
                               context_length=config.context_length, split_name=f"{config.dataset}:{split}")
@@ -493,5 +498,6 @@ def make_eval_iterator(config: ml_collections.ConfigDict, **kwargs) -> grain.Dat
 
 
 def num_eval_batches(config: ml_collections.ConfigDict, num_records: int, process_count: int) -> int:
-    """Batches every process yields for an eval split of `num_records` records."""
+    """Batches every process yields for an eval split of `num_records` records (sized by the largest shard, so
+    all processes run the same number of eval steps)."""
     return math.ceil(math.ceil(num_records / process_count) / config.eval_batch_size)
