@@ -1,0 +1,256 @@
+"""CLIP towers as Flax NNX modules (OpenAI / open_clip architecture).
+
+Vision: patchify -> [class token] + learned positions -> ln_pre -> pre-LN blocks (quick_gelu MLP) -> ln_post on
+the class token -> projection. Text: token + learned positions -> causal pre-LN blocks -> ln_final -> the EOT
+token (argmax of the ids, as OpenAI/open_clip) -> projection.
+
+Region methods need the patch tokens in the joint space (`encode_dense`). Following MaskCLIP/CLIPSelf/FineCLIP,
+the last vision block runs with attention replaced by its value path (each token attends only to itself), so the
+patch tokens are transformed like the class token would be. The global embedding needs only the class token's
+row of that same last block, so `encode_dense(..., return_global=True)` gets both from one pass that shares the
+first L-1 blocks and the last block's qkv projection.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from harmoclip_jax.models.variants import CLIPConfig, TextConfig, VisionConfig, get_config
+
+_normal = jax.nn.initializers.normal
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+class MLP(nnx.Module):
+    def __init__(self, width: int, hidden: int, *, layers: int, activation: str, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.activation = activation
+        # open_clip's init: fc std (2w)^-0.5, proj std w^-0.5 (2L)^-0.5.
+        self.fc1 = nnx.Linear(width, hidden, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=_normal((2 * width) ** -0.5), rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, width, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=_normal(width**-0.5 * (2 * layers) ** -0.5), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection (one matmul; open_clip's in_proj layout)."""
+
+    def __init__(self, width: int, heads: int, *, layers: int, dtype, param_dtype, impl, rngs: nnx.Rngs):
+        self.heads = heads
+        self.impl = impl
+        self.qkv = nnx.Linear(width, 3 * width, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=_normal(width**-0.5), rngs=rngs)
+        self.out = nnx.Linear(width, width, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=_normal(width**-0.5 * (2 * layers) ** -0.5), rngs=rngs)
+
+    def project(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(B, N, D) -> q, k, v, each (B, N, heads, head_dim)."""
+        b, n, d = h.shape
+        qkv = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=self.impl)
+        return self.out(o.reshape(*o.shape[:2], -1))
+
+    def value_path(self, v: jax.Array) -> jax.Array:
+        """Attention where every token attends only to itself: out_proj(v)."""
+        return self.out(v.reshape(*v.shape[:2], -1))
+
+
+class Block(nnx.Module):
+    """Pre-LN residual block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, *, layers: int, eps: float, activation: str, dtype,
+                 param_dtype, impl, rngs: nnx.Rngs):
+        norm = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+        self.ln_1 = nnx.LayerNorm(width, **norm)
+        self.attn = Attention(width, heads, layers=layers, dtype=dtype, param_dtype=param_dtype, impl=impl,
+                              rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(width, **norm)
+        self.mlp = MLP(width, mlp_dim, layers=layers, activation=activation, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, causal: bool = False, first_token_only: bool = False) -> jax.Array:
+        """The usual block. `first_token_only` returns just row 0 (the class token), skipping the other rows'
+        attention outputs and MLPs: the last block of `encode_image` needs nothing else."""
+        q, k, v = self.attn.project(self.ln_1(x))
+        if first_token_only:
+            q, x = q[:, :1], x[:, :1]
+        x = x + self.attn.attend(q, k, v, causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+    def dense(self, x: jax.Array, *, with_first_token: bool) -> jax.Array:
+        """Last block for dense features: tokens 1.. take the value path; token 0 (if wanted) attends as usual.
+
+        Returns (B, N, D) when `with_first_token`, else (B, N-1, D) for the patch tokens only.
+        """
+        q, k, v = self.attn.project(self.ln_1(x))
+        patches = x[:, 1:] + self.attn.value_path(v[:, 1:])
+        if with_first_token:
+            cls = x[:, :1] + self.attn.attend(q[:, :1], k, v, causal=False)
+            patches = jnp.concatenate([cls, patches], axis=1)
+        return patches + self.mlp(self.ln_2(patches))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, *, eps: float, activation: str, dtype,
+                 param_dtype, remat: bool, impl, rngs: nnx.Rngs):
+        self.remat = remat
+        self.blocks = nnx.List([
+            Block(width, heads, mlp_dim, layers=layers, eps=eps, activation=activation, dtype=dtype,
+                  param_dtype=param_dtype, impl=impl, rngs=rngs)
+            for _ in range(layers)
+        ])
+
+    def _run(self, block: Block, method: str, x: jax.Array, **kwargs) -> jax.Array:
+        fn = lambda blk, y: getattr(blk, method)(y, **kwargs)  # noqa: E731
+        if self.remat:
+            fn = nnx.remat(fn)
+        return fn(block, x)
+
+    def __call__(self, x: jax.Array, *, causal: bool = False, upto: int | None = None) -> jax.Array:
+        """Runs blocks[:upto] (all by default)."""
+        for block in list(self.blocks)[:upto]:
+            x = self._run(block, "__call__", x, causal=causal)
+        return x
+
+    def last(self, x: jax.Array, method: str, **kwargs) -> jax.Array:
+        return self._run(self.blocks[len(self.blocks) - 1], method, x, **kwargs)
+
+
+def _dt(name: str):
+    return jnp.dtype(name)
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, *, eps: float, activation: str, dtype, param_dtype,
+                 remat: bool, impl, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        w, p = cfg.width, cfg.patch_size
+        scale = w**-0.5
+        # Patchify is a matmul over flattened (p, p, 3) patches; the kernel keeps conv's HWIO layout.
+        self.patch_embed = nnx.Param(_normal(0.02)(rngs.params(), (p, p, 3, w), param_dtype))
+        self.class_embedding = nnx.Param(_normal(scale)(rngs.params(), (w,), param_dtype))
+        self.positional_embedding = nnx.Param(_normal(scale)(rngs.params(), (cfg.grid_size**2 + 1, w), param_dtype))
+        norm = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+        self.ln_pre = nnx.LayerNorm(w, **norm)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_dim, eps=eps, activation=activation,
+                                       dtype=dtype, param_dtype=param_dtype, remat=remat, impl=impl, rngs=rngs)
+        self.ln_post = nnx.LayerNorm(w, **norm)
+        self.proj = nnx.Param(_normal(scale)(rngs.params(), (w, embed_dim), param_dtype))
+
+    def _check_images(self, images: jax.Array) -> None:
+        s = self.cfg.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise ValueError(
+                f"images must be (B, {s}, {s}, 3) CLIP-normalised float arrays for this model, got shape "
+                f"{tuple(images.shape)}; resize the input (or the model's position embedding, see "
+                "harmoclip_jax.models.convert.resize_position_embedding)"
+            )
+
+    def stem(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, 3) -> tokens (B, 1 + h*w, D) after ln_pre."""
+        self._check_images(images)
+        b, p, g = images.shape[0], self.cfg.patch_size, self.cfg.grid_size
+        x = images.astype(self.dtype).reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, g * g, p * p * 3) @ self.patch_embed[...].astype(self.dtype).reshape(p * p * 3, -1)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(self.dtype)
+        return self.ln_pre(x)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """ln_post + projection, in float32 for the losses."""
+        return (self.ln_post(x) @ self.proj[...].astype(self.dtype)).astype(jnp.float32)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = self.transformer(self.stem(images), upto=-1)
+        x = self.transformer.last(x, "__call__", first_token_only=True)
+        return self.head(x[:, 0])
+
+    def dense(self, images: jax.Array, *, return_global: bool = False):
+        x = self.transformer(self.stem(images), upto=-1)
+        x = self.transformer.last(x, "dense", with_first_token=return_global)
+        g = self.cfg.grid_size
+        if return_global:
+            out = self.head(x)
+            return out[:, 0], out[:, 1:].reshape(x.shape[0], g, g, -1)
+        return self.head(x).reshape(x.shape[0], g, g, -1)
+
+
+class TextTransformer(nnx.Module):
+    def __init__(self, cfg: TextConfig, embed_dim: int, *, eps: float, activation: str, dtype, param_dtype,
+                 remat: bool, impl, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        w = cfg.width
+        self.token_embedding = nnx.Param(_normal(0.02)(rngs.params(), (cfg.vocab_size, w), param_dtype))
+        self.positional_embedding = nnx.Param(_normal(0.01)(rngs.params(), (cfg.context_length, w), param_dtype))
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_dim, eps=eps, activation=activation,
+                                       dtype=dtype, param_dtype=param_dtype, remat=remat, impl=impl, rngs=rngs)
+        self.ln_final = nnx.LayerNorm(w, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+                                      rngs=rngs)
+        self.text_projection = nnx.Param(_normal(w**-0.5)(rngs.params(), (w, embed_dim), param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        n = self.cfg.context_length
+        if tokens.ndim != 2 or tokens.shape[1] != n:
+            raise ValueError(f"token ids must be (N, {n}) int arrays (harmoclip_jax.tokenizer.tokenize), "
+                             f"got shape {tuple(tokens.shape)}")
+        x = self.token_embedding[...].astype(self.dtype)[tokens] + self.positional_embedding[...].astype(self.dtype)
+        x = self.ln_final(self.transformer(x, causal=True))
+        # EOT has the largest id in CLIP's vocabulary, so argmax finds it (first occurrence if padded with EOT).
+        eot = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
+        return (eot @ self.text_projection[...].astype(self.dtype)).astype(jnp.float32)
+
+
+class CLIP(nnx.Module):
+    """A two-tower CLIP model. Embeddings are projected, not normalised (HF `get_*_features` semantics)."""
+
+    def __init__(self, config: CLIPConfig | str, *, rngs: nnx.Rngs | None = None, **overrides):
+        config = get_config(config, **overrides)
+        self.config = config
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        common = dict(eps=config.layer_norm_eps, activation=config.activation, dtype=_dt(config.dtype),
+                      param_dtype=_dt(config.param_dtype), remat=config.remat, impl=config.attention_impl, rngs=rngs)
+        self.visual = VisionTransformer(config.vision, config.embed_dim, **common)
+        self.text = TextTransformer(config.text, config.embed_dim, **common)
+        self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, _dt(config.param_dtype)))
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, 3) CLIP-normalised images -> (B, E) global embeddings."""
+        return self.visual(images)
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """(N, context_length) int token ids -> (N, E) text embeddings."""
+        return self.text(tokens)
+
+    def encode_dense(self, images: jax.Array, *, return_global: bool = False):
+        """(B, H, W, 3) -> (B, h, w, E) patch features in the joint space (last block as value path).
+
+        With `return_global=True` returns `(global (B, E), dense (B, h, w, E))` from one pass; the global
+        embedding equals `encode_image(images)`.
+        """
+        return self.visual.dense(images, return_global=return_global)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def abstract_model(config: CLIPConfig | str, **overrides) -> CLIP:
+    """The model with ShapeDtypeStructs instead of arrays (no memory, no compute)."""
+    return nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0), **overrides))

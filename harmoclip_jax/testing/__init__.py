@@ -1,0 +1,1 @@
+"""Test and benchmark utilities (not used by the library at runtime)."""

@@ -1,0 +1,56 @@
+"""PyTorch reference models (transformers CLIPModel, open_clip CLIP) with random weights, for parity tests and
+benchmarks. Needs the dev requirements (torch, transformers, open_clip_torch)."""
+from __future__ import annotations
+
+from harmoclip_jax.models.convert import hf_config_dict
+from harmoclip_jax.models.variants import CLIPConfig, get_config
+from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
+
+
+def randomize_(module, seed: int = 0, std: float = 0.02) -> None:
+    """Gives every parameter random values (biases and LayerNorm offsets included) so a mis-mapped tensor
+    cannot hide behind a zero or one init."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            if name.endswith("logit_scale"):
+                p.copy_(torch.tensor(2.6592 + 0.3 * float(noise)))
+            elif ("norm" in name or ".ln_" in name or name.startswith("ln_") or "layrnorm" in name) and \
+                    name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def hf_clip_model(variant: str | CLIPConfig, seed: int = 0, **overrides):
+    """A transformers `CLIPModel` of our architecture with random weights, in eval mode."""
+    ensure_torch_reference_stack()
+    from transformers import CLIPConfig as HFCLIPConfig
+    from transformers import CLIPModel
+
+    d = hf_config_dict(get_config(variant, **overrides))
+    model = CLIPModel(HFCLIPConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")}))
+    randomize_(model, seed)
+    return model.eval()
+
+
+def open_clip_model(variant: str | CLIPConfig, seed: int = 0, **overrides):
+    """A real `open_clip.CLIP` of our architecture with random weights, in eval mode."""
+    ensure_torch_reference_stack()
+    import open_clip
+
+    c = get_config(variant, **overrides)
+    v, t = c.vision, c.text
+    model = open_clip.CLIP(
+        embed_dim=c.embed_dim,
+        vision_cfg=dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.width // v.heads,
+                        patch_size=v.patch_size, mlp_ratio=v.mlp_ratio),
+        text_cfg=dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                      layers=t.layers, mlp_ratio=t.mlp_ratio),
+        quick_gelu=c.activation == "quick_gelu",
+    )
+    randomize_(model, seed)
+    return model.eval()

@@ -1,0 +1,332 @@
+"""CLIP text tokenizer giving the same ids as open_clip's `SimpleTokenizer`, without torch.
+
+    tokens = tokenize(["a photo of a cat", "two dogs"])   # np.int32 (2, 77)
+
+Rows are `[SOT, bpe ids..., EOT, 0, 0, ...]` with SOT=49406, EOT=49407 and padding 0. Text longer
+than the context is cut and its last kept position is overwritten with EOT, as open_clip does, so the
+text encoder's argmax-pooling always finds an EOT.
+
+Text cleaning is open_clip's "lower" cleaning: `ftfy.fix_text`, `html.unescape` twice, strip,
+collapse whitespace runs to one space, lowercase.
+
+Backends:
+  * `Tokenizer.default()` - the OpenAI CLIP BPE compiled into `instant-clip-tokenizer` (Rust, numpy
+    only). Needs no files and no torch; this is what `tokenize` uses.
+  * `Tokenizer.from_hf_dir(path)` - the vocab.json/merges.txt (or tokenizer.json) of a Hugging Face
+    CLIP checkpoint directory, through `transformers.CLIPTokenizer`.
+
+Known deviations from open_clip, both confined to characters no caption should contain:
+  * U+0345 (combining Greek ypogegrammeni) left uncomposed after NFC: open_clip's regex runs with
+    IGNORECASE, case-folds it to iota and ends up dropping it ("a\u0345b" -> "a", "b"); we keep
+    its bytes as tokens;
+  * code points unassigned in Python 3.11's Unicode 14 tables: open_clip classifies them with the
+    `regex` package's newer Unicode tables, so its own output depends on the installed `regex`.
+"""
+from __future__ import annotations
+
+import functools
+import html
+import os
+from collections.abc import Iterable, Sequence
+
+import ftfy
+import numpy as np
+
+DEFAULT_CONTEXT_LENGTH = 77
+# Ids of the OpenAI CLIP vocabulary (open_clip, HF and instant-clip-tokenizer agree on them).
+sot_token = 49406
+eot_token = 49407
+pad_token = 0
+vocab_size = 49408
+
+# open_clip's SimpleTokenizer matches its special tokens *inside* the text too, so a caption
+# containing "<end_of_text>" gets a real EOT id there. instant-clip-tokenizer does the same; for the
+# HF backend we reproduce it by finding these matches with open_clip's own pre-tokenizer pattern.
+_OPEN_CLIP_SPECIAL_LITERALS = ("<start_of_text>", "<end_of_text>")
+
+
+def clean_text(text: str) -> str:
+    """open_clip's "lower" cleaning: ftfy, HTML-unescape twice, collapse whitespace, lowercase."""
+    text = ftfy.fix_text(text)
+    # Twice, because captions scraped from HTML are often double-escaped ("&amp;amp;").
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()
+
+
+def _as_text_list(texts: str | Sequence[str]) -> list[str]:
+    """Accept one string or a sequence of strings; reject everything else with a clear message."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, bytearray)):
+        raise TypeError(
+            "tokenize() got bytes; decode them first, e.g. `text.decode('utf-8')` "
+            "(TFDS Text features come back as bytes)."
+        )
+    if isinstance(texts, np.ndarray):
+        if texts.ndim != 1:
+            raise ValueError(f"tokenize() needs a 1-D array of strings, got shape {texts.shape}.")
+        texts = texts.tolist()
+    if not isinstance(texts, Iterable):
+        raise TypeError(
+            f"tokenize() needs a str or a sequence of str, got {type(texts).__name__}."
+        )
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            hint = " (decode bytes with .decode('utf-8'))" if isinstance(text, bytes) else ""
+            raise TypeError(
+                f"tokenize() needs strings, but item {index} is {type(text).__name__}: "
+                f"{text!r:.60}{hint}."
+            )
+    return texts
+
+
+def _check_context_length(context_length) -> int:
+    if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)):
+        raise TypeError(
+            f"context_length must be an int, got {type(context_length).__name__} "
+            f"({context_length!r})."
+        )
+    if context_length < 2:
+        raise ValueError(
+            f"context_length must be >= 2 (room for the start and end tokens), got {context_length}."
+        )
+    return int(context_length)
+
+
+def _pack_rows(
+    token_lists: Sequence[Sequence[int]], context_length: int, sot: int, eot: int
+) -> np.ndarray:
+    """[SOT] + ids + [EOT], zero-padded; too-long rows are cut and end in EOT (open_clip's rule)."""
+    out = np.zeros((len(token_lists), context_length), dtype=np.int32)
+    out[:, 0] = sot
+    body = context_length - 2  # room between SOT and EOT
+    for row, ids in enumerate(token_lists):
+        ids = ids[:body] if len(ids) > body else ids
+        n = len(ids)
+        out[row, 1 : 1 + n] = ids
+        out[row, 1 + n] = eot
+    return out
+
+
+class Tokenizer:
+    """Callable CLIP tokenizer with open_clip semantics; build it with `default()` or `from_hf_dir()`.
+
+    `tokenizer(texts, context_length=77)` -> np.int32 array (N, context_length).
+    """
+
+    def __init__(self, *, backend, name: str, sot: int, eot: int, size: int, recipe: tuple):
+        # Private: use the classmethods. `recipe` = (classmethod name, args) rebuilds this object,
+        # which makes it picklable (grain's spawned workers pickle map transforms holding it);
+        # the Rust/HF backends themselves cannot be pickled.
+        self._backend = backend
+        self._recipe = recipe
+        self.name = name
+        self.sot_token = sot
+        self.eot_token = eot
+        self.vocab_size = size
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def default(cls) -> Tokenizer:
+        """The OpenAI CLIP BPE bundled in `instant-clip-tokenizer` (fast, offline, no torch)."""
+        try:
+            import instant_clip_tokenizer
+        except ImportError as err:  # pragma: no cover - it is a runtime requirement
+            raise ImportError(
+                "harmoclip_jax.tokenizer needs the `instant-clip-tokenizer` package "
+                "(pip install instant-clip-tokenizer); it carries the CLIP vocabulary."
+            ) from err
+        backend = instant_clip_tokenizer.Tokenizer()
+        sot, eot = backend.start_of_text(), backend.end_of_text()
+        if (sot, eot) != (sot_token, eot_token):  # guards against a future vocabulary change
+            raise RuntimeError(
+                f"instant-clip-tokenizer reports SOT/EOT {sot}/{eot}, expected "
+                f"{sot_token}/{eot_token}; this version is not the OpenAI CLIP vocabulary."
+            )
+        return cls(backend=_InstantBackend(backend), name="instant-clip-tokenizer",
+                   sot=sot, eot=eot, size=vocab_size, recipe=("default", ()))
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """A Hugging Face CLIP tokenizer directory (vocab.json + merges.txt, or tokenizer.json).
+
+        Ids follow that vocabulary; cleaning, padding (0) and truncation follow open_clip.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"Tokenizer.from_hf_dir: {path!r} is not a directory.")
+        has_json = os.path.isfile(os.path.join(path, "tokenizer.json"))
+        has_bpe = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
+        if not (has_json or has_bpe):
+            raise FileNotFoundError(
+                f"Tokenizer.from_hf_dir: {path!r} has neither tokenizer.json nor "
+                "vocab.json + merges.txt; point it at a CLIP checkpoint's tokenizer folder."
+            )
+        from transformers import CLIPTokenizer  # lazy: 0.6 s import, only this backend needs it
+
+        # from_pretrained reads the files; CLIPTokenizer(vocab_file=...) would silently ignore them
+        # in transformers v5 (env.md).
+        hf = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        sot, eot = hf.bos_token_id, hf.eos_token_id
+        if sot is None or eot is None:
+            raise ValueError(
+                f"Tokenizer.from_hf_dir: tokenizer in {path!r} has no bos/eos token "
+                f"(bos={hf.bos_token!r}, eos={hf.eos_token!r}); not a CLIP tokenizer."
+            )
+        _use_open_clip_pre_tokenization(hf)
+        return cls(backend=_HFBackend(hf, sot, eot), name=f"hf:{path}",
+                   sot=sot, eot=eot, size=len(hf), recipe=("from_hf_dir", (path,)))
+
+    # ---- use ----------------------------------------------------------------------------------
+    def __call__(
+        self, texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH
+    ) -> np.ndarray:
+        """Tokenize one string or a sequence of strings -> np.int32 (N, context_length)."""
+        context_length = _check_context_length(context_length)
+        cleaned = [clean_text(t) for t in _as_text_list(texts)]
+        return self._backend.tokenize(cleaned, context_length)
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of one text after cleaning, without SOT/EOT and without truncation."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() needs a str, got {type(text).__name__}.")
+        return self._backend.encode(clean_text(text))
+
+    def decode(self, ids) -> str | list[str]:
+        """Text of a token row (or a list of texts for a 2-D array), for debugging.
+
+        Drops a leading SOT and stops at the first EOT, so padding is not shown. The text is the
+        cleaned (lowercased) form, not the original caption.
+        """
+        ids = np.asarray(ids)
+        if ids.ndim == 2:
+            return [self.decode(row) for row in ids]
+        if ids.ndim != 1:
+            raise ValueError(f"decode() needs a 1-D or 2-D array of ids, got shape {ids.shape}.")
+        ids = [int(i) for i in ids]
+        if ids and ids[0] == self.sot_token:
+            ids = ids[1:]
+        if self.eot_token in ids:
+            ids = ids[: ids.index(self.eot_token)]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode(): ids {bad[:5]} are outside [0, {self.vocab_size}).")
+        return self._backend.decode(ids).strip()
+
+    def __reduce__(self):
+        method, args = self._recipe
+        return (_rebuild, (method, args))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name}, vocab_size={self.vocab_size})"
+
+
+def _rebuild(method: str, args: tuple) -> Tokenizer:
+    return getattr(Tokenizer, method)(*args)
+
+
+class _InstantBackend:
+    def __init__(self, tok):
+        self._tok = tok
+
+    def tokenize(self, cleaned: list[str], context_length: int) -> np.ndarray:
+        if context_length < 3:
+            # instant-clip-tokenizer refuses < 3; open_clip's answer for 2 is always [SOT, EOT].
+            return _pack_rows([[] for _ in cleaned], context_length, sot_token, eot_token)
+        # It adds SOT/EOT, pads with 0 and keeps EOT last when cutting, exactly as open_clip
+        # (checked in tests); it returns uint16.
+        return self._tok.tokenize_batch(cleaned, context_length).astype(np.int32)
+
+    def encode(self, cleaned: str) -> list[int]:
+        return [int(i) for i in self._tok.encode(cleaned)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+# open_clip's pre-tokenizer pattern minus its special literals (handled by _HFBackend). HF's CLIP
+# pattern starts with "<|startoftext|>|<|endoftext|>", which isolates those literals where open_clip
+# lets a punctuation run continue ("<|endoftext|>:" ends in "|>:" there).
+_OPEN_CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _use_open_clip_pre_tokenization(hf) -> None:
+    """Make an HF CLIP tokenizer split text exactly like open_clip: our cleaning replaces HF's
+    normalizer (its NFC would compose e.g. "e&#769;" after our unescape, open_clip does not), and
+    open_clip's regex + plain byte mapping replace HF's pre-tokenizer."""
+    from tokenizers import Regex, pre_tokenizers
+
+    backend = hf.backend_tokenizer
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_OPEN_CLIP_WORD_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+
+
+class _HFBackend:
+    def __init__(self, hf, sot: int, eot: int):
+        self._hf = hf
+        self._sot, self._eot = sot, eot
+        # open_clip's pre-tokenizer, used only to locate in-text special literals the same way
+        # open_clip does (a preceding punctuation run can swallow the "<").
+        import regex
+
+        self._open_clip_pattern = regex.compile(
+            "|".join(_OPEN_CLIP_SPECIAL_LITERALS) + "|" + _OPEN_CLIP_WORD_PATTERN,
+            regex.IGNORECASE,
+        )
+        self._literal_ids = {_OPEN_CLIP_SPECIAL_LITERALS[0]: sot, _OPEN_CLIP_SPECIAL_LITERALS[1]: eot}
+
+    def _encode_many(self, cleaned: list[str]) -> list[list[int]]:
+        # split_special_tokens: a literal "<|endoftext|>" in a caption is plain text to open_clip.
+        return self._hf(cleaned, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _encode_with_literals(self, text: str) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        for match in self._open_clip_pattern.finditer(text):
+            special = self._literal_ids.get(match.group().lower())
+            if special is not None:
+                if match.start() > start:
+                    ids += self._encode_many([text[start : match.start()]])[0]
+                ids.append(special)
+                start = match.end()
+        if start < len(text):
+            ids += self._encode_many([text[start:]])[0]
+        return ids
+
+    def encode(self, cleaned: str) -> list[int]:
+        if "_of_text>" in cleaned:
+            return self._encode_with_literals(cleaned)
+        return list(self._encode_many([cleaned])[0]) if cleaned else []
+
+    def tokenize(self, cleaned: list[str], context_length: int) -> np.ndarray:
+        token_lists = self._encode_many(cleaned) if cleaned else []
+        for row, text in enumerate(cleaned):
+            if "_of_text>" in text:  # rare: redo this row the open_clip way
+                token_lists[row] = self._encode_with_literals(text)
+        return _pack_rows(token_lists, context_length, self._sot, self._eot)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer() -> Tokenizer:
+    """The shared `Tokenizer.default()` instance (built once; construction costs ~0.1 s)."""
+    return Tokenizer.default()
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
+    """open_clip-identical CLIP token ids: np.int32 (N, context_length), SOT/EOT, pad 0.
+
+    `texts` is one string or a sequence of strings; a single string gives shape (1, context_length).
+    """
+    return default_tokenizer()(texts, context_length)
+
+
+def decode(ids) -> str | list[str]:
+    """Text of a token row or of each row of a 2-D array (see `Tokenizer.decode`)."""
+    return default_tokenizer().decode(ids)

@@ -1,0 +1,125 @@
+"""Model structure: every variant's abstract shapes (scenic-style eval_shape tests), parameter counts against the
+reference PyTorch models, dtype/remat options and input validation."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from harmoclip_jax.models.clip import CLIP, abstract_model, count_params
+from harmoclip_jax.models.variants import VARIANTS, get_config
+
+# open_clip's published counts for the OpenAI architectures.
+KNOWN_COUNTS = {"ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737, "ViT-L/14": 427_616_513,
+                "ViT-L/14@336": 427_944_193}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_eval_shape_every_variant(variant):
+    cfg = get_config(variant)
+    model = abstract_model(variant)
+    g, e = cfg.vision.grid_size, cfg.embed_dim
+    images = jax.ShapeDtypeStruct((2, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((3, cfg.text.context_length), jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    def run(state, images, tokens):
+        m = nnx.merge(graphdef, state)
+        return m.encode_image(images), m.encode_text(tokens), m.encode_dense(images, return_global=True)
+
+    img, txt, (glob, dense) = jax.eval_shape(run, state, images, tokens)
+    assert img.shape == (2, e) and txt.shape == (3, e) and glob.shape == (2, e)
+    assert dense.shape == (2, g, g, e)
+    assert img.dtype == txt.dtype == dense.dtype == jnp.float32
+    if variant in KNOWN_COUNTS:
+        assert count_params(model) == KNOWN_COUNTS[variant]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_param_count_equals_transformers_model(variant):
+    """The same architecture built by transformers (on the meta device: no memory) has as many parameters."""
+    torch = pytest.importorskip("torch")
+    from harmoclip_jax.models.convert import hf_config_dict
+    from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
+
+    ensure_torch_reference_stack()
+    from transformers import CLIPConfig, CLIPModel
+
+    d = hf_config_dict(get_config(variant))
+    with torch.device("meta"):
+        hf = CLIPModel(CLIPConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")}))
+    assert count_params(abstract_model(variant)) == sum(p.numel() for p in hf.parameters())
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs(rng):
+    model = CLIP("test-tiny", dtype="bfloat16", remat=True)
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    images = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
+    out = model.encode_image(images)
+    ref = CLIP("test-tiny").encode_image(images)  # same seed, float32 compute
+    assert out.dtype == jnp.float32
+    assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_remat_gives_same_gradients(rng):
+    images = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
+
+    def grads(remat):
+        model = CLIP("test-tiny", remat=remat)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p):
+            return jnp.sum(nnx.merge(graphdef, p, rest).encode_dense(images) ** 2)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    a, b = grads(False), grads(True)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_global_from_dense_pass_equals_encode_image(rng):
+    model = CLIP("ViT-Ti/8@64")
+    images = jnp.asarray(rng.standard_normal((3, 64, 64, 3)), jnp.float32)
+    glob, dense = model.encode_dense(images, return_global=True)
+    np.testing.assert_allclose(np.asarray(glob), np.asarray(model.encode_image(images)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dense), np.asarray(model.encode_dense(images)), atol=1e-5)
+
+
+def test_text_pooling_uses_eot_position(rng):
+    """Tokens after EOT (padding) must not change the embedding; tokens before it must."""
+    model = CLIP("test-tiny")
+    base = np.zeros((1, 77), np.int32)
+    base[0, :4] = [49406, 320, 1125, 49407]
+    other_pad = base.copy()
+    other_pad[0, 5:] = 7  # garbage after EOT: causal attention never sees it at the EOT position
+    other_word = base.copy()
+    other_word[0, 2] = 2368
+    e = lambda t: np.asarray(model.encode_text(jnp.asarray(t)))  # noqa: E731
+    np.testing.assert_allclose(e(base), e(other_pad), atol=1e-6)
+    assert np.abs(e(base) - e(other_word)).max() > 1e-3
+
+
+def test_bad_inputs_give_clear_errors():
+    model = CLIP("test-tiny")
+    with pytest.raises(ValueError, match=r"images must be \(B, 64, 64, 3\)"):
+        model.encode_image(jnp.zeros((1, 3, 64, 64)))
+    with pytest.raises(ValueError, match=r"token ids must be \(N, 77\)"):
+        model.encode_text(jnp.zeros((2, 10), jnp.int32))
+    with pytest.raises(ValueError, match="unknown CLIP variant 'ViT-X/3'"):
+        get_config("ViT-X/3")
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        get_config("ViT-B/16", image_size=230)
+    with pytest.raises(ValueError, match="unknown CLIP config override 'widht'"):
+        get_config("ViT-B/16", widht=3)
+
+
+def test_overrides_and_text_prefix():
+    cfg = get_config("ViT-B/16", image_size=448, text_context_length=64, dtype="bfloat16")
+    assert cfg.vision.grid_size == 28 and cfg.text.context_length == 64 and cfg.dtype == "bfloat16"
+    model = abstract_model(cfg)
+    assert model.visual.positional_embedding.shape == (1 + 28 * 28, 768)
+    assert math.isclose(float(CLIP("test-tiny").logit_scale[...]), math.log(1 / 0.07), rel_tol=1e-6)
