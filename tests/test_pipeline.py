@@ -286,6 +286,7 @@ def test_eval_rejects_more_regions_than_it_can_hold(data_dir, config):
 # ------------------------------------------------------------------------------------------ multiprocessing
 
 
+@pytest.mark.slow
 def test_two_workers_produce_valid_batches_and_resume(data_dir, config):
     config.num_workers = 2
     kwargs = dict(data_dir=data_dir, seed=5, process_index=0, process_count=1)

@@ -153,3 +153,12 @@ def test_preview_png(tmp_path):
     scenes.draw_preview(str(path), image_size=64, num_pairs=1, scale=2)
     picture = Image.open(io.BytesIO(path.read_bytes()))
     assert picture.format == "PNG" and picture.size[0] == 2 * 128 + 10
+
+
+def test_captions_fit_clip_context():
+    from harmoclip_jax.tokenizer import tokenize
+
+    captions = [c for i in range(300) for c in scenes.generate_example(0, "train", i, 64).captions]
+    captions += [o.region_caption for i in range(50) for o in scenes.generate_example(0, "val", i, 64).objects]
+    lengths = (tokenize(captions) != 0).sum(1)
+    assert lengths.max() < 77  # never truncated (a cut caption would fill all 77 positions)
