@@ -1,0 +1,250 @@
+"""Experiment configs: the big_vision-style argument mini-language, loading by path, and `validate`.
+
+A config file is a Python module with `get_config(arg: str | None) -> ml_collections.ConfigDict`. The argument
+string after the path (`configs/vitb16.py:method=fineclip,res=336`) is parsed by `parse_arg` against the
+file's defaults: `key=value` pairs separated by commas, a bare `key` means True, and a single unnamed value fills
+the first default. Values take the type of their default.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from harmoclip_jax import losses
+
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() not in _BOOL:
+            raise ValueError(f"config argument {key}={text!r}: expected true/false")
+        return _BOOL[text.lower()]
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"config argument {key}={text!r}: expected a {type(default).__name__}") from None
+    return text
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses `"a=1,b,c=x"` against `defaults` (which fix the allowed keys and their types).
+
+    `parse_arg("method=clip,smoke", method="harmoclip", smoke=False)` -> {method: "clip", smoke: True}.
+    """
+    result = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return result
+    parts = [p.strip() for p in arg.split(",") if p.strip()]
+    if len(parts) == 1 and "=" not in parts[0] and parts[0] not in defaults and defaults:
+        first = next(iter(defaults))  # a single unnamed value fills the first key
+        parts = [f"{first}={parts[0]}"]
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; this config accepts: "
+                             f"{', '.join(f'{k}={v!r}' for k, v in defaults.items())}")
+        if not eq:
+            if not isinstance(defaults[key], bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            result[key] = True
+        else:
+            result[key] = _convert(key, value.strip(), defaults[key])
+    return result
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:arg]` the way `--config` does (for notebooks and tests)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist (relative to {os.getcwd()})")
+    module_spec = importlib.util.spec_from_file_location(f"_harmoclip_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+# ------------------------------------------------------------------------------------------------ validate
+
+METHODS = losses.METHODS
+EVALUATOR_TYPES = ("retrieval", "box_classification")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Resolves `[("data", -1), ("fsdp", 2)]` to concrete sizes for `num_devices` (one -1 fills)."""
+    names = tuple(str(name) for name, _ in mesh_config)
+    sizes = [int(size) for _, size in mesh_config]
+    if sorted(names) != ["data", "fsdp"]:
+        raise ValueError(f"config.mesh must name exactly the axes 'data' and 'fsdp', got {list(names)}")
+    fills = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fills) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1 (fill), got {list(zip(names, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.mesh sizes must be positive or -1, got {list(zip(names, sizes))}")
+    known = 1
+    for s in sizes:
+        if s != -1:
+            known *= s
+    if fills:
+        if num_devices % known:
+            raise ValueError(f"config.mesh {list(zip(names, sizes))}: {num_devices} devices are not divisible by "
+                             f"the fixed axis sizes (product {known})")
+        sizes[fills[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(f"config.mesh {list(zip(names, sizes))} needs {known} devices, but {num_devices} are "
+                         "available; use -1 for one axis to fill")
+    return names, tuple(sizes)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int = 1) -> None:
+    """Rejects bad configs with a message that says which field to change, before anything compiles."""
+    if config.method not in METHODS:
+        raise ValueError(f"config.method={config.method!r} is unknown; choose one of {METHODS}")
+    losses.validate_loss_config(config.loss)
+    if config.loss.method != config.method:
+        raise ValueError(f"config.loss.method={config.loss.method!r} differs from config.method={config.method!r}; "
+                         "set the method with `method=` in the config argument so both agree")
+    if config.loss.lrc_negatives == "vocab":
+        raise ValueError("config.loss.lrc_negatives='vocab' needs a lexeme vocabulary the data pipeline does not "
+                         "provide (lexeme ids are string hashes); use 'batch'")
+    for name in ("total_steps", "batch_size"):
+        if int(config[name]) <= 0:
+            raise ValueError(f"config.{name}={config[name]} must be positive")
+    if num_devices is not None:
+        names, sizes = mesh_shape(config.mesh, num_devices)
+        if config.batch_size % num_devices:
+            raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by the "
+                             f"{num_devices} devices of the data x fsdp mesh {dict(zip(names, sizes))}")
+        accum = int(config.optim.grad_accum_steps)
+        if accum < 1 or config.batch_size % (accum * num_devices):
+            raise ValueError(f"config.optim.grad_accum_steps={accum}: the global batch {config.batch_size} must "
+                             f"split into {accum} micro-batches divisible by the {num_devices} devices")
+        if config.eval_batch_size % num_devices:
+            raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
+                             f"{num_devices} devices")
+    if config.batch_size % process_count or config.eval_batch_size % process_count:
+        raise ValueError(f"batch_size={config.batch_size} and eval_batch_size={config.eval_batch_size} must be "
+                         f"divisible by the {process_count} processes")
+    for pattern_list in ("freeze", "no_decay"):
+        for pattern in config.optim[pattern_list]:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"config.optim.{pattern_list}: bad regex {pattern!r}: {error}") from None
+    for name, eval_config in config.evals.items():
+        if eval_config.type not in EVALUATOR_TYPES:
+            raise ValueError(f"config.evals.{name}.type={eval_config.type!r}; known evaluators: {EVALUATOR_TYPES}")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or 'bfloat16'")
+    if config.init.mode not in ("scratch", "params"):
+        raise ValueError(f"config.init.mode={config.init.mode!r}; use 'scratch' or 'params' (a converted "
+                         "checkpoint directory in config.init.params_dir)")
+    if config.data.image_size != config.model.image_size:
+        raise ValueError(f"config.data.image_size={config.data.image_size} differs from the model's "
+                         f"config.model.image_size={config.model.image_size}")
+    if config.data.context_length != config.model.context_length:
+        raise ValueError(f"config.data.context_length={config.data.context_length} differs from the model's "
+                         f"text context config.model.context_length={config.model.context_length}")
+    if config.log_every <= 0 or config.checkpoint.every <= 0:
+        raise ValueError("config.log_every and config.checkpoint.every must be positive")
+
+
+# ------------------------------------------------------------------------------------------- base config
+
+TEXT_TOWER = r"text/.*"
+# Never decayed (on top of every < 2-D array): embeddings and the temperature.
+NO_DECAY = (r".*positional_embedding", r".*class_embedding", r".*token_embedding", r"logit_scale")
+
+
+def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
+    """Every field the trainer reads, with neutral defaults; config files change what they need."""
+    from harmoclip_jax.data.pipeline import default_data_config
+
+    placeholder = ml_collections.config_dict.placeholder
+    c = ml_collections.ConfigDict()
+    c.method = method
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 256  # global, over all processes and devices
+    c.eval_batch_size = 256  # global
+    c.log_every = 10
+    c.eval_every = 500  # also at the end
+    c.progress_bar = True
+    c.plot = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "ViT-B/16"
+    c.model.image_size = 224
+    c.model.context_length = 77
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
+    c.model.remat = False
+    c.model.attention_impl = placeholder(str)
+
+    c.init = ml_collections.ConfigDict()
+    c.init.mode = "scratch"  # or "params": a converted checkpoint (python -m harmoclip_jax.convert)
+    c.init.params_dir = placeholder(str)
+    c.init.hint = ""  # what to run to get the checkpoint (shown when it is missing)
+
+    c.data = default_data_config()
+    c.data.image_size = c.model.image_size
+    c.data.max_regions = 20
+    c.loss = losses.default_loss_config(method)
+
+    c.region = ml_collections.ConfigDict()
+    c.region.output_size = 1  # RoIAlign bins per side, averaged into one region embedding (FineCLIP: 1)
+    c.region.sampling_ratio = -1  # torchvision's adaptive sampling (FineCLIP)
+    c.region.crop_scale = 1.5  # crops for fineclip/clipself: boxes enlarged 1.5x about their centre
+    c.region.concepts = []  # RegionCLIP concept names; empty = the training dataset's class_names
+    c.region.concept_template = "a photo of a {}."
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-5
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.1
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 1000
+    c.optim.end_lr_fraction = 0.0
+    c.optim.grad_clip_norm = 1.0  # 0 disables
+    c.optim.freeze = [TEXT_TOWER]  # regexes of frozen parameter paths
+    c.optim.no_decay = list(NO_DECAY)
+    c.optim.grad_accum_steps = 1  # micro-batches per step (each its own contrastive batch)
+    c.optim.max_logit_scale = float(np.log(100.0))
+
+    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = [(".*", "fsdp")]
+    c.sharding.fsdp_min_size_mb = 4.0
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+    c.checkpoint.export_params = True  # params-only export to workdir/params at the end
+
+    c.text_cache = ml_collections.ConfigDict()
+    c.text_cache.enabled = True  # used only when the whole text tower is frozen
+    c.text_cache.dir = placeholder(str)  # default: workdir/text_cache
+
+    c.evals = ml_collections.ConfigDict()
+    c.debug = ml_collections.ConfigDict()
+    c.debug.inject_nan_at_step = -1  # testing aid: makes the loss of that step NaN
+    return c
+
+
+def set_method(config: ml_collections.ConfigDict, method: str) -> None:
+    """Switches the loss family (`method=` argument of the config files)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {METHODS}")
+    config.method = method
+    config.loss = losses.default_loss_config(method)

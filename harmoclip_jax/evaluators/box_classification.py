@@ -1,0 +1,120 @@
+"""Box classification: each labelled box's RoIAlign region embedding vs class text embeddings.
+
+Class embeddings come from prompt templates (a ViLD-style ensemble: each template's embedding L2-normalised,
+averaged over templates, renormalised), recomputed from the CURRENT text tower at every eval. Reports top-1/top-5
+as per-class mean (FineCLIP's "mAcc", over classes present) and micro (per box), and the thing/stuff split of the
+per-class mean when the dataset's metadata has `is_thing` (COCO panoptic).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from harmoclip_jax.evaluators.common import EvalContext, collect, dataset_metadata
+
+# Prompt templates in the style of ViLD's ensemble ("a photo of a {}.", "There is a {} in the scene.", ...).
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "There is a {} in the scene.",
+    "There is the {} in the scene.",
+    "This is a {} in the scene.",
+    "This is the {} in the scene.",
+    "This is one {} in the scene.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a blurry photo of a {}.",
+    "a low resolution photo of the {}.",
+    "a good photo of a {}.",
+    "itap of a {}.",
+    "a photo of one {}.",
+)
+
+
+def box_classification_metrics(scores: np.ndarray, labels: np.ndarray, is_thing: Sequence[bool] | None = None,
+                               ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracies of per-box class scores.
+
+    Args:
+      scores: (R, C) class scores per box (higher = more likely); labels: (R,) ints in [0, C).
+      is_thing: optional (C,) bools; adds the per-class mean over thing and over stuff classes.
+    Returns:
+      `top{k}` (mean over the classes that occur of the per-class accuracy), `top{k}_micro` (over boxes), and
+      `top{k}_thing` / `top{k}_stuff`. A box is a hit at k if fewer than k classes score at least as high as its
+      true class (ties count against it).
+    """
+    scores = np.asarray(scores, np.float32)
+    labels = np.asarray(labels, np.int64)
+    r, c = scores.shape
+    if labels.shape != (r,) or (r and (labels.min() < 0 or labels.max() >= c)):
+        raise ValueError(f"labels must be ({r},) class indices in [0, {c})")
+    if r == 0:
+        raise ValueError("box classification needs at least one labelled box")
+    true = scores[np.arange(r), labels]
+    rank = (scores >= true[:, None]).sum(1) - 1
+    present = np.bincount(labels, minlength=c) > 0
+    out = {}
+    for k in ks:
+        hit = (rank < k).astype(np.float64)
+        per_class = np.bincount(labels, weights=hit, minlength=c) / np.maximum(np.bincount(labels, minlength=c), 1)
+        out[f"top{k}"] = float(per_class[present].mean())
+        out[f"top{k}_micro"] = float(hit.mean())
+        if is_thing is not None:
+            thing = np.asarray(is_thing, bool)
+            if thing.shape != (c,):
+                raise ValueError(f"is_thing must have one entry per class ({c}), got {thing.shape}")
+            for name, group in (("thing", thing), ("stuff", ~thing)):
+                if (present & group).any():
+                    out[f"top{k}_{name}"] = float(per_class[present & group].mean())
+    return out
+
+
+def class_embeddings(embed_texts, params, class_names: Sequence[str], templates: Sequence[str],
+                     context_length: int, multiple: int) -> np.ndarray:
+    """(C, E) normalised prompt-ensemble embeddings (see module doc). `multiple` pads the text batch for sharding."""
+    from harmoclip_jax.sharding import to_host
+    from harmoclip_jax.tokenizer import tokenize
+
+    texts = [t.format(name) for name in class_names for t in templates]
+    tokens = tokenize(texts, context_length=context_length)
+    pad = (-len(tokens)) % multiple
+    tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
+    embed = to_host(embed_texts(params, tokens))[: len(texts)]
+    embed = embed / np.maximum(np.linalg.norm(embed, axis=-1, keepdims=True), 1e-12)
+    mean = embed.reshape(len(class_names), len(templates), -1).mean(1)
+    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+class BoxClassificationEvaluator:
+    """Classifies every labelled box of an eval split (boxes as given, not enlarged) into the dataset's classes."""
+
+    def __init__(self, name: str, eval_config, context: EvalContext):
+        self.name = name
+        self.config = eval_config
+        self.context = context
+        meta = dataset_metadata(eval_config.dataset, context.data_config.data_dir)
+        self.class_names = list(eval_config.get("class_names") or meta.get("class_names") or [])
+        if not self.class_names:
+            raise ValueError(f"eval {name}: dataset {eval_config.dataset} has no class_names metadata; box "
+                             "classification needs a labelled dataset (e.g. scenes, coco_panoptic_boxes)")
+        self.is_thing = meta.get("is_thing") or None
+        self.templates = tuple(eval_config.get("templates") or DEFAULT_TEMPLATES)
+
+    def run(self, params) -> dict[str, float]:
+        ctx = self.context
+        classes = class_embeddings(ctx.fns.embed_texts, params, self.class_names, self.templates,
+                                   ctx.data_config.context_length, ctx.mesh.size)
+        rows = collect(ctx, self.config, params,
+                       lambda p, batch: {"region": ctx.fns.embed_regions(p, batch["image"], batch["boxes"])},
+                       keep=("box_mask", "label"))
+        valid = rows["box_mask"].astype(bool) & (rows["label"] >= 0)
+        regions = rows["region"][valid]
+        regions = regions / np.maximum(np.linalg.norm(regions, axis=-1, keepdims=True), 1e-12)
+        metrics = box_classification_metrics(regions @ classes.T, rows["label"][valid], self.is_thing)
+        metrics["num_boxes"] = float(valid.sum())
+        return metrics

@@ -1,0 +1,99 @@
+"""What evaluators share: the context they run in and the sharded-embedding collection loop."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from harmoclip_jax import sharding
+from harmoclip_jax.data import pipeline
+
+
+@dataclasses.dataclass
+class EvalFns:
+    """Jitted embedding functions of the current model; every output is replicated on all devices.
+
+    embed_images(params, images (B,S,S,3)) -> (B,E); embed_captions(params, tokens (B,K,L)) -> (B,K,E);
+    embed_regions(params, images, boxes (B,T,4)) -> (B,T,E); embed_texts(params, tokens (N,L)) -> (N,E).
+    """
+
+    embed_images: Callable
+    embed_captions: Callable
+    embed_regions: Callable
+    embed_texts: Callable
+
+
+@dataclasses.dataclass
+class EvalContext:
+    mesh: jax.sharding.Mesh
+    data_config: ml_collections.ConfigDict  # the experiment's config.data (per-process sizes already set)
+    fns: EvalFns
+    eval_batch_size: int  # global
+
+
+def register_datasets(dataset: str) -> None:
+    """Imports the module that registers `dataset`'s TFDS builder."""
+    name = dataset.split("/")[0]
+    if name == "scenes":
+        from harmoclip_jax.data import scenes  # noqa: F401
+    elif name.startswith("coco"):
+        from harmoclip_jax.data import coco  # noqa: F401
+    elif name.startswith("flickr"):
+        from harmoclip_jax.data import flickr  # noqa: F401
+
+
+def dataset_metadata(dataset: str, data_dir: str | None) -> dict:
+    """The TFDS metadata dict (`class_names`, `is_thing`, ...) of a prepared dataset."""
+    import tensorflow_datasets as tfds
+
+    register_datasets(dataset)
+    builder = tfds.builder(dataset, data_dir=data_dir)
+    return dict(builder.info.metadata or {})
+
+
+def eval_data_config(context: EvalContext, eval_config) -> ml_collections.ConfigDict:
+    data = ml_collections.ConfigDict(context.data_config.to_dict())
+    data.dataset = eval_config.dataset
+    data.eval_split = eval_config.split
+    data.eval_batch_size = context.eval_batch_size // jax.process_count()
+    if eval_config.get("max_regions"):
+        data.eval_max_regions = eval_config.max_regions
+    data.num_workers = 0  # eval is short; worker start-up would dominate
+    return data
+
+
+def collect(context: EvalContext, eval_config, params, embed: Callable[[Any, dict], dict],
+            keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Runs `embed(params, global_batch) -> {name: replicated array}` over the whole eval split.
+
+    Returns numpy arrays over the split's records in record order (padding dropped), plus the batch keys in
+    `keep`. Every process gets the same result. Raises if a record is missing or seen twice.
+    """
+    data = eval_data_config(context, eval_config)
+    register_datasets(data.dataset)
+    iterator = pipeline.make_eval_iterator(data)
+    parts: dict[str, list[np.ndarray]] = {}
+    try:
+        for local in iterator:
+            batch = sharding.put_batch(local, context.mesh)
+            out = sharding.to_host(embed(params, batch))
+            host = sharding.to_host({k: batch[k] for k in ("mask", "index", *keep)})
+            for name, value in {**out, **host}.items():
+                parts.setdefault(name, []).append(value)
+    finally:
+        closer = getattr(iterator, "close", None)
+        if closer is not None:
+            closer()
+    if not parts:
+        raise ValueError(f"eval split {data.dataset}:{data.eval_split} is empty")
+    rows = {k: np.concatenate(v) for k, v in parts.items()}
+    mask = rows.pop("mask").astype(bool)
+    index = rows.pop("index")[mask]
+    order = np.argsort(index, kind="stable")
+    if len(np.unique(index)) != len(index) or (len(index) and (index[order] != np.arange(len(index))).any()):
+        raise RuntimeError(f"eval {data.dataset}:{data.eval_split}: records were lost or duplicated across "
+                           f"devices/processes ({len(index)} kept, {len(np.unique(index))} unique)")
+    return {k: v[mask][order] for k, v in rows.items()}

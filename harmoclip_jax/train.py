@@ -1,0 +1,611 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)` (importable from a notebook).
+
+Functional core: the model is split once (`nnx.split`) into a graph definition and a pure dict of parameters;
+the training state is a plain pytree {params, opt_state, step, rng[, teacher]}; `train_step(state, batch, consts)
+-> (state, metrics)` is one `jax.jit` with explicit in/out shardings and the state donated. Initialisation is
+shape-first (eval_shape -> shardings -> jit with out_shardings), so no full unsharded copy is ever built.
+
+Order at start: resume from `workdir/checkpoints` if it has a step, else initialise (`config.init`). The grain
+iterator position, rng and optimizer state are part of every checkpoint, so a resumed run continues with exactly
+the batches and numbers an uninterrupted one would have produced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from harmoclip_jax import checkpoint as ckpt_lib
+from harmoclip_jax import config_lib, evaluators, losses, optim, sharding
+from harmoclip_jax.metrics_writer import MetricsWriter
+from harmoclip_jax.models.clip import CLIP, abstract_model
+from harmoclip_jax.models.variants import CLIPConfig, get_config
+from harmoclip_jax.ops.boxes import enlarge_boxes
+from harmoclip_jax.ops.roi_align import roi_align
+from harmoclip_jax.text_cache import TextEmbeddingCache, fingerprint
+
+log = logging.getLogger(__name__)
+
+# Batch keys that carry token ids, and the loss-output key each one becomes.
+TEXT_INPUTS = {"text": "text_embed", "region_text": "region_text_embed", "lexeme": "lexeme_embed"}
+TEACHER_OUTPUTS = ("teacher_crop_embed", "teacher_region_embed")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; training stopped without saving the bad state."""
+
+
+# -------------------------------------------------------------------------------------------- model glue
+
+
+def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
+    """The CLIPConfig of `config.model` (variant + image size, text context, dtype, remat)."""
+    m = config.model
+    return get_config(m.variant, image_size=m.image_size, text_context_length=m.context_length, dtype=m.dtype,
+                      remat=m.remat, attention_impl=m.attention_impl)
+
+
+class ModelGlue:
+    """Converts between the pure params dict (what the state holds) and an NNX `CLIP` (what computes)."""
+
+    def __init__(self, clip_config: CLIPConfig):
+        self.clip_config = clip_config
+        self.graphdef, abstract_state = nnx.split(abstract_model(clip_config))
+        self.abstract_params = nnx.to_pure_dict(abstract_state)
+        self._treedef = jax.tree.structure(abstract_state)
+        # unflatten(leaves(params)) below relies on both trees listing leaves in the same order.
+        state_paths = [sharding.path_str(p).removesuffix("/value")
+                       for p, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
+        dict_paths = [sharding.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]]
+        if state_paths != dict_paths:
+            raise RuntimeError("nnx state and its pure dict flatten in different orders; update ModelGlue")
+
+    def merge(self, params: Any) -> CLIP:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, jax.tree.leaves(params)))
+
+    def init_params(self, seed: int) -> Any:
+        return nnx.to_pure_dict(nnx.state(CLIP(self.clip_config, rngs=nnx.Rngs(seed)), nnx.Param))
+
+    @property
+    def patch_size(self) -> int:
+        return self.clip_config.vision.patch_size
+
+
+def region_embeddings(dense: jax.Array, boxes: jax.Array, region: ml_collections.ConfigDict,
+                      patch_size: int) -> jax.Array:
+    """(B,h,w,E) dense features, (B,T,4) pixel boxes -> (B,T,E) RoIAlign-pooled region embeddings."""
+    pooled = roi_align(dense, boxes, output_size=region.output_size, spatial_scale=1.0 / patch_size,
+                       sampling_ratio=region.sampling_ratio, aligned=True)
+    return pooled.mean(axis=(2, 3))
+
+
+def box_crops(images: jax.Array, boxes: jax.Array, scale: float) -> jax.Array:
+    """(B,S,S,3), (B,T,4) -> (B*T,S,S,3): each box enlarged `scale`x (clipped to the image), bilinearly resized
+    to the model input. RoIAlign with one sample per output pixel is exactly that resize, as matmuls."""
+    b, s = images.shape[0], images.shape[1]
+    big = enlarge_boxes(boxes, scale, image_size=(s, s))
+    crops = roi_align(images, big, output_size=(s, s), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    return crops.reshape(b * boxes.shape[1], s, s, images.shape[-1])
+
+
+def compute_outputs(model: CLIP, teacher: CLIP | None, batch: dict, consts: dict, needed: set[str],
+                    region: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """The loss inputs (`losses` module contract) that `needed` names, from one batch."""
+    out: dict[str, jax.Array] = {}
+    images, patch = batch["image"], model.config.vision.patch_size
+    b, t = batch["boxes"].shape[:2]
+    if "region_embed" in needed:
+        if "image_embed" in needed:
+            out["image_embed"], dense = model.encode_dense(images, return_global=True)
+        else:
+            dense = model.encode_dense(images)
+        out["region_embed"] = region_embeddings(dense, batch["boxes"], region, patch)
+    elif "image_embed" in needed:
+        out["image_embed"] = model.encode_image(images)
+    for key, name in TEXT_INPUTS.items():
+        if name in needed:
+            if name in batch:  # from the frozen-text-tower cache
+                out[name] = batch[name]
+            else:
+                tokens = batch[key]
+                out[name] = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:-1], -1)
+    if "crop_embed" in needed or "teacher_crop_embed" in needed:
+        crops = box_crops(images, batch["boxes"], region.crop_scale)
+        if "crop_embed" in needed:
+            out["crop_embed"] = model.encode_image(crops).reshape(b, t, -1)
+        if "teacher_crop_embed" in needed:
+            out["teacher_crop_embed"] = jax.lax.stop_gradient(teacher.encode_image(crops).reshape(b, t, -1))
+    if "teacher_region_embed" in needed:
+        dense = teacher.encode_dense(images)
+        out["teacher_region_embed"] = jax.lax.stop_gradient(region_embeddings(dense, batch["boxes"], region, patch))
+    if "concept_embed" in needed:
+        out["concept_embed"] = consts["concept_embed"] if "concept_embed" in consts else \
+            model.encode_text(consts["concept_tokens"])
+    if "logit_scale" in needed:
+        out["logit_scale"] = model.logit_scale[...]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built from a config before the loop; also handy on its own in notebooks and tests."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    glue: ModelGlue
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_mask: Any
+    needed: set[str]
+    text_frozen: bool
+    uses_teacher: bool
+    abstract_state: Any  # ShapeDtypeStructs with shardings
+    state_shardings: Any
+    train_step: Callable  # jitted (state, batch, consts) -> (state, metrics)
+
+    @property
+    def batch_sharding(self):
+        return sharding.batch_sharding(self.mesh)
+
+    def init_state(self, params: Any | None = None) -> Any:
+        """A fresh sharded training state; `params` (sharded, e.g. a loaded checkpoint) or a seeded init."""
+        sh = self.state_shardings
+        if params is None:
+            params = jax.jit(self.glue.init_params, static_argnums=0, out_shardings=sh["params"])(self.config.seed)
+        else:
+            params = jax.device_put(params, sh["params"])
+
+        def rest(p):
+            state = {"opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32),
+                     "rng": jax.random.key_data(jax.random.key(self.config.seed))}
+            if self.uses_teacher:
+                state["teacher"] = jax.tree.map(jnp.copy, p["visual"])
+            return state
+
+        out_sh = {k: v for k, v in sh.items() if k != "params"}
+        return {"params": params, **jax.jit(rest, out_shardings=out_sh)(params)}
+
+    def eval_fns(self) -> evaluators.EvalFns:
+        glue, region = self.glue, self.config.region
+        p_sh, b_sh, repl = self.state_shardings["params"], self.batch_sharding, sharding.replicated(self.mesh)
+
+        def embed_captions(p, tokens):
+            return glue.merge(p).encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:2], -1)
+
+        def embed_regions(p, images, boxes):
+            return region_embeddings(glue.merge(p).encode_dense(images), boxes, region, glue.patch_size)
+
+        embed_texts_jit = jax.jit(lambda p, t: glue.merge(p).encode_text(t), in_shardings=(p_sh, b_sh),
+                                  out_shardings=repl)
+
+        def embed_texts(p, tokens: np.ndarray):
+            return embed_texts_jit(p, sharding.global_from_host(np.asarray(tokens), b_sh))
+
+        return evaluators.EvalFns(
+            embed_images=jax.jit(lambda p, x: glue.merge(p).encode_image(x), in_shardings=(p_sh, b_sh),
+                                 out_shardings=repl),
+            embed_captions=jax.jit(embed_captions, in_shardings=(p_sh, b_sh), out_shardings=repl),
+            embed_regions=jax.jit(embed_regions, in_shardings=(p_sh, b_sh, b_sh), out_shardings=repl),
+            embed_texts=embed_texts,
+        )
+
+
+def _state_shardings(abstract: Any, mesh, config) -> Any:
+    rules = [tuple(r) for r in config.sharding.rules]
+    return sharding.param_shardings(abstract, mesh, rules, config.sharding.fsdp_min_size_mb)
+
+
+def make_train_step(config, glue: ModelGlue, tx, schedule, train_mask, needed, uses_teacher):
+    """The pure train step (not jitted): (state, batch, consts) -> (state, metrics)."""
+    accum = int(config.optim.grad_accum_steps)
+    nan_step = int(config.debug.inject_nan_at_step)
+
+    def loss_fn(params, teacher, batch, consts, step):
+        # Frozen parameters get no gradient: XLA then drops their backward computation entirely.
+        params = jax.tree.map(lambda p, trained: p if trained else jax.lax.stop_gradient(p), params, train_mask)
+        model = glue.merge(params)
+        teacher_model = glue.merge({**params, "visual": teacher}) if uses_teacher else None
+        outputs = compute_outputs(model, teacher_model, batch, consts, needed, config.region)
+        total, terms = losses.total_loss(config.loss, outputs, batch)
+        if nan_step >= 0:
+            total = jnp.where(step + 1 == nan_step, jnp.nan, total)
+        return total, terms
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch, consts):
+        params, step = state["params"], state["step"]
+        teacher = state.get("teacher")
+        if accum == 1:
+            (loss, terms), grads = grad_fn(params, teacher, batch, consts, step)
+        else:
+            # Micro-batch j = examples j, j+accum, ...: each device keeps its own rows (no resharding).
+            def split(x):
+                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, mb):
+                (loss, terms), grads = grad_fn(params, teacher, mb, consts, step)
+                return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, teacher, jax.tree.map(
+                lambda x: x[0], micro), consts, step)))
+            zeros = (zeros[0][0], zeros[0][1], zeros[1])
+            (loss, terms, grads), _ = jax.lax.scan(body, zeros, micro)
+            loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        # CLIP's temperature clamp: the scale exp(logit_scale) never exceeds 100.
+        params["logit_scale"] = jnp.minimum(params["logit_scale"], config.optim.max_logit_scale)
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": step + 1}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(step),
+                   "logit_scale": jnp.exp(params["logit_scale"])}
+        metrics.update({f"loss/{k}": v for k, v in terms.items() if k != "total"})
+        return new_state, metrics
+
+    return train_step
+
+
+def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+    """Validates `config`, builds the mesh, abstract state, shardings, optimizer and the jitted train step."""
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    config_lib.validate(config, num_devices=mesh.size, process_count=jax.process_count())
+    glue = ModelGlue(model_config(config))
+    tx, schedule, train_mask = optim.make_optimizer(config.optim, glue.abstract_params, config.total_steps)
+    needed = losses.required_outputs(config.loss)
+    text_frozen = not any(v for k, v in _flat(train_mask).items() if k.startswith("text/"))
+    uses_teacher = bool(needed & set(TEACHER_OUTPUTS))
+
+    abstract = {"params": glue.abstract_params,
+                "opt_state": jax.eval_shape(tx.init, glue.abstract_params),
+                "step": jax.ShapeDtypeStruct((), jnp.int32),
+                "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    if uses_teacher:
+        abstract["teacher"] = glue.abstract_params["visual"]
+    shardings = _state_shardings(abstract, mesh, config)
+    for key in ("step", "rng"):
+        shardings[key] = sharding.replicated(mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+    step_fn = make_train_step(config, glue, tx, schedule, train_mask, needed, uses_teacher)
+    repl = sharding.replicated(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), repl),
+                     out_shardings=(shardings, repl), donate_argnums=0)
+    return Trainer(config=config, mesh=mesh, glue=glue, tx=tx, schedule=schedule, train_mask=train_mask,
+                   needed=needed, text_frozen=text_frozen, uses_teacher=uses_teacher, abstract_state=abstract,
+                   state_shardings=shardings, train_step=jitted)
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {sharding.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ------------------------------------------------------------------------------------------ batch prep
+
+
+def device_batch_keys(trainer: Trainer, cache_active: bool) -> list[str]:
+    """Keys of the host batch the train step needs (tokens are replaced by cached embeddings when frozen)."""
+    keys = {"image", "boxes", "box_mask", "lexeme_id"}
+    for key, name in TEXT_INPUTS.items():
+        if name in trainer.needed:
+            keys.add(name if cache_active else key)
+    return sorted(keys)
+
+
+def prepare_batch(local: dict, keys: list[str], cache: TextEmbeddingCache | None) -> dict[str, np.ndarray]:
+    out = {}
+    for key in keys:
+        if key in local:
+            out[key] = local[key]
+        else:  # an embedding from the cache
+            token_key = next(k for k, v in TEXT_INPUTS.items() if v == key)
+            out[key] = cache.lookup(local[token_key])
+    return out
+
+
+def make_text_cache(trainer: Trainer, params, workdir: pathlib.Path, dataset: str) -> TextEmbeddingCache | None:
+    """A cache of frozen-text-tower embeddings for `dataset`, or None when the text tower trains."""
+    config = trainer.config
+    if not (config.text_cache.enabled and trainer.text_frozen):
+        return None
+    host = sharding.to_host(params)
+    text_params = {k: v for k, v in _flat(host).items() if k.startswith("text/")}
+    key = fingerprint(text_params)
+    device = jax.local_devices()[0]
+    local = jax.device_put(host, device)
+    glue = trainer.glue
+    encode = jax.jit(lambda p, t: glue.merge(p).encode_text(t))
+    directory = pathlib.Path(config.text_cache.dir or workdir / "text_cache")
+    name = dataset.replace("/", "_")
+    return TextEmbeddingCache(lambda tokens: np.asarray(encode(local, tokens)),
+                              directory / f"{name}-{key}-p{jax.process_index()}.npz")
+
+
+def make_consts(trainer: Trainer, cache: TextEmbeddingCache | None, class_names: list[str]) -> dict:
+    """Step constants: the RegionCLIP concept vocabulary (embedded once when the text tower is frozen)."""
+    if "concept_embed" not in trainer.needed:
+        return {}
+    from harmoclip_jax.tokenizer import tokenize
+
+    region = trainer.config.region
+    names = list(region.concepts) or class_names
+    if not names:
+        raise ValueError("method=regionclip needs concept names: set config.region.concepts (RegionCLIP uses a "
+                         "pool of nouns parsed from captions) or train on a dataset with class_names metadata")
+    tokens = tokenize([region.concept_template.format(n) for n in names], context_length=trainer.config.model
+                      .context_length)
+    if cache is not None:
+        return {"concept_embed": cache.lookup(tokens)}
+    return {"concept_tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------- preflight
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+    """Stops at once, saying what to download and which command prepares it, if data or weights are missing."""
+    if config.init.mode == "params":
+        path = config.init.params_dir
+        if not path or not ckpt_lib.is_params_checkpoint(path):
+            raise FileNotFoundError(
+                f"config.init.params_dir={path!r} is not a converted params checkpoint (clip_config.json + "
+                f"params/). {config.init.hint or ''}".strip())
+    datasets = {config.data.dataset: [config.data.train_split]}
+    for ev in config.evals.values():
+        datasets.setdefault(ev.dataset, []).append(ev.split)
+    for dataset in datasets:
+        if dataset.split("/")[0] == "scenes":
+            continue  # generated on first use
+        import tensorflow_datasets as tfds
+
+        evaluators.common.register_datasets(dataset)
+        try:
+            builder = tfds.builder(dataset, data_dir=config.data.data_dir)
+            prepared = builder.is_prepared()
+        except Exception as error:  # noqa: BLE001 - unknown name / config: same advice
+            prepared, builder = False, error
+        if not prepared:
+            raise FileNotFoundError(
+                f"dataset {dataset!r} is not prepared in data_dir={config.data.data_dir!r}. Download the files "
+                "listed in docs/datasets.md, then build it with\n  python -m harmoclip_jax.data.prepare --dataset "
+                f"{_prepare_name(dataset)} --manual_dir DIR --data_dir {config.data.data_dir or '~/tensorflow_datasets'}"
+                "\nand pass --config.data.data_dir if it is not the TFDS default.")
+
+
+def _prepare_name(dataset: str) -> str:
+    return {"coco_region_captions": "coco_train", "coco_panoptic_boxes": "coco_panoptic",
+            "coco_retrieval": "coco_retrieval", "flickr30k_retrieval": "flickr30k_retrieval"}.get(
+        dataset.split("/")[0], dataset)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+class _StopRequest:
+    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the end of the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+def _summary(trainer: Trainer, state) -> str:
+    config = trainer.config
+    params = state["params"]
+    total = optim.count(params)
+    trained = optim.count(params, trainer.train_mask)
+    mesh = " x ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
+    device = jax.devices()[0]
+    return (f"harmoclip_jax | method={config.method} model={config.model.variant}@{config.model.image_size} "
+            f"dtype={config.model.dtype} | mesh {mesh} on {jax.device_count()} {device.platform} device(s), "
+            f"{jax.process_count()} process(es) | params {total / 1e6:.2f}M, trained {trained / 1e6:.2f}M"
+            f"{' (text tower frozen)' if trainer.text_frozen else ''} | batch {config.batch_size} x "
+            f"{config.data.max_regions} boxes, {config.total_steps} steps, lr {config.optim.lr:g}")
+
+
+def run_evals(evals: dict, params) -> dict[str, float]:
+    out = {}
+    for name, evaluator in evals.items():
+        for metric, value in evaluator.run(params).items():
+            out[f"eval/{name}/{metric}"] = value
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
+    """Trains (resuming from `workdir` if it has a checkpoint), evaluates and exports; returns the final metrics."""
+    workdir = pathlib.Path(workdir).absolute()
+    config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
+    data_config = config.data
+    data_config.batch_size = config.batch_size // jax.process_count()
+    trainer = build_trainer(config)
+    check_inputs(config)
+    is_main = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    writer.write_config(config)
+
+    from harmoclip_jax.data import pipeline
+
+    evaluators.common.register_datasets(data_config.dataset)
+    train_iter = pipeline.make_train_iterator(data_config)
+    checkpointer = ckpt_lib.TrainCheckpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                              async_save=config.checkpoint.async_save)
+    latest = checkpointer.latest_step()
+    with jax.set_mesh(trainer.mesh):
+        if latest is not None:
+            state = checkpointer.restore(latest, trainer.abstract_state, train_iter)
+            writer.truncate_after(latest)
+            print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
+        else:
+            params = None
+            if config.init.mode == "params":
+                params = _load_init_params(trainer, config.init.params_dir)
+            state = trainer.init_state(params)
+    if is_main:
+        print(_summary(trainer, state), flush=True)
+
+    cache = make_text_cache(trainer, state["params"], workdir, data_config.dataset)
+    batch_keys = device_batch_keys(trainer, cache is not None)
+    class_names = []
+    if "concept_embed" in trainer.needed and not config.region.concepts:
+        class_names = list(evaluators.common.dataset_metadata(data_config.dataset, data_config.data_dir)
+                           .get("class_names") or [])
+    consts = make_consts(trainer, cache, class_names)
+    context = evaluators.EvalContext(mesh=trainer.mesh, data_config=data_config, fns=trainer.eval_fns(),
+                                     eval_batch_size=config.eval_batch_size)
+    evals = {name: evaluators.build(name, ev, context) for name, ev in config.evals.items()}
+
+    step = int(jax.device_get(state["step"]))
+    total = config.total_steps
+    final_metrics: dict[str, float] = {}
+    progress = None
+    if is_main and config.progress_bar:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    last_log_time, last_log_step = time.perf_counter(), step
+    try:
+        with jax.set_mesh(trainer.mesh), _StopRequest() as stop:
+            while step < total:
+                local = next(train_iter)
+                batch = sharding.put_batch(prepare_batch(local, batch_keys, cache), trainer.mesh)
+                state, metrics = trainer.train_step(state, batch, consts)
+                step += 1
+                metrics = jax.device_get(metrics)
+                if not (math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))):
+                    checkpointer.wait()
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step} (loss={float(metrics['loss'])}, grad_norm="
+                        f"{float(metrics['grad_norm'])}); training stopped without saving this state. The last good "
+                        f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. Lower "
+                        "config.optim.lr, enable/lower config.optim.grad_clip_norm, or check the data.")
+                if progress is not None:
+                    progress.update(1)
+                record = None
+                if step % config.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    rate = (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9)
+                    last_log_time, last_log_step = now, step
+                    record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "images_per_s": rate}
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                if evals and (step % config.eval_every == 0 or step == total):
+                    eval_metrics = run_evals(evals, state["params"])
+                    final_metrics = eval_metrics
+                    record = {**(record or {"step": step}), **eval_metrics}
+                    if progress is not None:
+                        progress.write(_format_evals(step, eval_metrics))
+                    last_log_time = time.perf_counter()  # eval time is not training throughput
+                if record is not None:
+                    writer.write(record)
+                stopping = stop.agreed()
+                if step % config.checkpoint.every == 0 or step == total or stopping:
+                    checkpointer.save(step, state, train_iter)
+                    if cache is not None:
+                        cache.save()
+                if stopping:
+                    checkpointer.wait()
+                    print(f"stopped at step {step}; checkpoint saved in {checkpointer.directory}. Rerun the same "
+                          "command to resume.", flush=True)
+                    return final_metrics
+            if not final_metrics and evals:  # resumed after the last step: evaluate the final state
+                final_metrics = run_evals(evals, state["params"])
+                writer.write({"step": step, **final_metrics})
+        checkpointer.wait()
+        if config.checkpoint.export_params:
+            export_params(trainer, state["params"], workdir / "params")
+    finally:
+        if progress is not None:
+            progress.close()
+        checkpointer.close()
+        writer.close()
+        closer = getattr(train_iter, "close", None)
+        if closer is not None:
+            closer()
+    if is_main:
+        if config.plot:
+            from harmoclip_jax.plots import plot_metrics
+
+            plot_metrics(workdir / "metrics.jsonl", workdir / "curves.png")
+        if final_metrics:
+            print(format_table(final_metrics), flush=True)
+    return final_metrics
+
+
+def _load_init_params(trainer: Trainer, directory: str):
+    shardings = _flat(trainer.state_shardings["params"])
+    model = ckpt_lib.load_params(directory, sharding=lambda p, _: shardings[sharding.path_str(p)],
+                                 dtype=trainer.glue.clip_config.dtype, remat=trainer.glue.clip_config.remat)
+    if model.config.vision != trainer.glue.clip_config.vision or model.config.text != trainer.glue.clip_config.text:
+        raise ValueError(f"config.init.params_dir={directory} holds a {model.config.vision} / {model.config.text} "
+                         f"model, but the config asks for {trainer.glue.clip_config.vision} / "
+                         f"{trainer.glue.clip_config.text}; convert it with matching --image_size or fix config.model")
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def export_params(trainer: Trainer, params, directory: pathlib.Path) -> pathlib.Path:
+    """Writes the params-only export that `harmoclip_jax.checkpoint.load_params(directory)` loads in one call."""
+    model = trainer.glue.merge(params)
+    return ckpt_lib.save_params(model, directory, force=True)
+
+
+def _format_evals(step: int, metrics: dict[str, float]) -> str:
+    parts = [f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items() if not k.endswith(("num_images",
+             "num_captions", "num_boxes"))]
+    return f"eval @ step {step}: " + "  ".join(parts)
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A plain-text table of eval metrics (name, value)."""
+    width = max(len(k) for k in metrics)
+    lines = ["final evaluation", "-" * (width + 12)]
+    for name, value in sorted(metrics.items()):
+        text = f"{int(value)}" if name.endswith(("num_images", "num_captions", "num_boxes")) else f"{value:.4f}"
+        lines.append(f"{name:<{width}}  {text:>8}")
+    return "\n".join(lines)
