@@ -11,7 +11,7 @@ from harmoclip_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, method="harmoclip", smoke=False, steps=0)
+    arg = config_lib.parse_arg(arg, method="harmoclip", smoke=False, steps=0, noeval=False)
     c = config_lib.base_config()
     config_lib.set_method(c, arg.method)
     c.model.variant = "ViT-Ti/8@64"
@@ -21,13 +21,15 @@ def get_config(arg=None):
     c.data.image_size = 64
     c.data.context_length = 48
     c.data.max_regions = 4
+    c.region.text_length = 16  # region captions <= 10 tokens, lexemes <= 4: no need for 48 positions
     c.data.eval_max_regions = 4
     c.data.read_threads = 2
+    c.data.read_buffer_size = 512
     c.batch_size = 64
     c.eval_batch_size = 200
-    c.total_steps = arg.steps or 600
+    c.total_steps = arg.steps or 400
     c.log_every = 10
-    c.eval_every = 300
+    c.eval_every = 200
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.05
@@ -47,4 +49,6 @@ def get_config(arg=None):
         c.checkpoint.every = 2
         for ev in c.evals.values():
             ev.dataset = "scenes/tiny"
+    if arg.noeval:
+        c.evals = {}
     return c

@@ -203,6 +203,7 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.region.output_size = 1  # RoIAlign bins per side, averaged into one region embedding (FineCLIP: 1)
     c.region.sampling_ratio = -1  # torchvision's adaptive sampling (FineCLIP)
     c.region.crop_scale = 1.5  # crops for fineclip/clipself: boxes enlarged 1.5x about their centre
+    c.region.text_length = placeholder(int)  # encode region captions/lexemes from this many tokens (None: all)
     c.region.concepts = []  # RegionCLIP concept names; empty = the training dataset's class_names
     c.region.concept_template = "a photo of a {}."
 
@@ -239,6 +240,7 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict()
     c.debug = ml_collections.ConfigDict()
     c.debug.inject_nan_at_step = -1  # testing aid: makes the loss of that step NaN
+    c.debug.kill_at_step = -1  # testing aid: SIGKILLs the process after that step (an async save may be in flight)
     return c
 
 

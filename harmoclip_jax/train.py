@@ -258,7 +258,7 @@ def make_train_step(config, glue: ModelGlue, tx, schedule, train_mask, needed, u
         # CLIP's temperature clamp: the scale exp(logit_scale) never exceeds 100.
         params["logit_scale"] = jnp.minimum(params["logit_scale"], config.optim.max_logit_scale)
         new_state = {**state, "params": params, "opt_state": opt_state, "step": step + 1}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(step),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(step),
                    "logit_scale": jnp.exp(params["logit_scale"])}
         metrics.update({f"loss/{k}": v for k, v in terms.items() if k != "total"})
         return new_state, metrics
@@ -312,7 +312,29 @@ def device_batch_keys(trainer: Trainer, cache_active: bool) -> list[str]:
     return sorted(keys)
 
 
-def prepare_batch(local: dict, keys: list[str], cache: TextEmbeddingCache | None) -> dict[str, np.ndarray]:
+REGION_TEXTS = ("region_text", "lexeme")
+
+
+def shorten_region_texts(local: dict, length: int | None) -> dict:
+    """Cuts region captions / lexemes to their first `length` tokens (exact: see CLIP.encode_text), checking that
+    no text is longer."""
+    if not length:
+        return local
+    local = dict(local)
+    for key in REGION_TEXTS:
+        if key in local and local[key].shape[-1] > length:
+            tokens = local[key]
+            if np.any(tokens[..., length:]):
+                raise ValueError(f"a {key} in this batch has more than config.region.text_length={length} tokens; "
+                                 "raise config.region.text_length (or set it to None for the full context)")
+            local[key] = tokens[..., :length]
+    return local
+
+
+def prepare_batch(local: dict, keys: list[str], cache: TextEmbeddingCache | None,
+                  region_text_length: int | None = None) -> dict[str, np.ndarray]:
+    """The host batch the train step takes: needed keys only, short region texts, cached text embeddings."""
+    local = shorten_region_texts(local, region_text_length)
     out = {}
     for key in keys:
         if key in local:
@@ -331,14 +353,20 @@ def make_text_cache(trainer: Trainer, params, workdir: pathlib.Path, dataset: st
     host = sharding.to_host(params)
     text_params = {k: v for k, v in _flat(host).items() if k.startswith("text/")}
     key = fingerprint(text_params)
+    # Encoding runs on one local device: processes miss different texts, so no collective may be involved.
     device = jax.local_devices()[0]
+    local_mesh = jax.make_mesh((1,), ("local",), axis_types=(jax.sharding.AxisType.Auto,), devices=[device])
     local = jax.device_put(host, device)
     glue = trainer.glue
     encode = jax.jit(lambda p, t: glue.merge(p).encode_text(t))
+
+    def encode_local(tokens):
+        with jax.set_mesh(local_mesh):
+            return np.asarray(encode(local, jax.device_put(tokens, device)))
+
     directory = pathlib.Path(config.text_cache.dir or workdir / "text_cache")
     name = dataset.replace("/", "_")
-    return TextEmbeddingCache(lambda tokens: np.asarray(encode(local, tokens)),
-                              directory / f"{name}-{key}-p{jax.process_index()}.npz")
+    return TextEmbeddingCache(encode_local, directory / f"{name}-{key}-p{jax.process_index()}.npz")
 
 
 def make_consts(trainer: Trainer, cache: TextEmbeddingCache | None, class_names: list[str]) -> dict:
@@ -442,7 +470,7 @@ def _summary(trainer: Trainer, state) -> str:
     trained = optim.count(params, trainer.train_mask)
     mesh = " x ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
     device = jax.devices()[0]
-    return (f"harmoclip_jax | method={config.method} model={config.model.variant}@{config.model.image_size} "
+    return (f"harmoclip_jax | method={config.method} model={config.model.variant} ({config.model.image_size}px) "
             f"dtype={config.model.dtype} | mesh {mesh} on {jax.device_count()} {device.platform} device(s), "
             f"{jax.process_count()} process(es) | params {total / 1e6:.2f}M, trained {trained / 1e6:.2f}M"
             f"{' (text tower frozen)' if trainer.text_frozen else ''} | batch {config.batch_size} x "
@@ -514,7 +542,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with jax.set_mesh(trainer.mesh), _StopRequest() as stop:
             while step < total:
                 local = next(train_iter)
-                batch = sharding.put_batch(prepare_batch(local, batch_keys, cache), trainer.mesh)
+                batch = sharding.put_batch(prepare_batch(local, batch_keys, cache, config.region.text_length),
+                                           trainer.mesh)
                 state, metrics = trainer.train_step(state, batch, consts)
                 step += 1
                 metrics = jax.device_get(metrics)
@@ -549,6 +578,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     checkpointer.save(step, state, train_iter)
                     if cache is not None:
                         cache.save()
+                if step == config.debug.kill_at_step:  # testing aid: die like `kill -9` (no cleanup at all)
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if stopping:
                     checkpointer.wait()
                     print(f"stopped at step {step}; checkpoint saved in {checkpointer.directory}. Rerun the same "

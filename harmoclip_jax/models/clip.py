@@ -207,10 +207,14 @@ class TextTransformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         n = self.cfg.context_length
-        if tokens.ndim != 2 or tokens.shape[1] != n:
-            raise ValueError(f"token ids must be (N, {n}) int arrays (harmoclip_jax.tokenizer.tokenize), "
+        if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= n:
+            raise ValueError(f"token ids must be (N, L) int arrays with L <= {n} (harmoclip_jax.tokenizer.tokenize), "
                              f"got shape {tuple(tokens.shape)}")
-        x = self.token_embedding[...].astype(self.dtype)[tokens] + self.positional_embedding[...].astype(self.dtype)
+        # Shorter rows use the first L positions: with causal attention the EOT output does not depend on the
+        # padding after it, so a text whose EOT lies within L encodes exactly as at full length, only cheaper.
+        length = tokens.shape[1]
+        x = (self.token_embedding[...].astype(self.dtype)[tokens]
+             + self.positional_embedding[...].astype(self.dtype)[:length])
         x = self.ln_final(self.transformer(x, causal=True))
         # EOT has the largest id in CLIP's vocabulary, so argmax finds it (first occurrence if padded with EOT).
         eot = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
@@ -235,7 +239,7 @@ class CLIP(nnx.Module):
         return self.visual(images)
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
-        """(N, context_length) int token ids -> (N, E) text embeddings."""
+        """(N, L <= context_length) int token ids -> (N, E) text embeddings (short rows: see TextTransformer)."""
         return self.text(tokens)
 
     def encode_dense(self, images: jax.Array, *, return_global: bool = False):

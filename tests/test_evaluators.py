@@ -1,0 +1,71 @@
+"""Evaluator metric math on constructed embeddings with known answers."""
+import numpy as np
+import pytest
+
+from harmoclip_jax.evaluators import box_classification_metrics, retrieval_metrics
+
+
+def _onehot(indices, dim):
+    out = np.zeros((len(indices), dim), np.float32)
+    out[np.arange(len(indices)), indices] = 1.0
+    return out
+
+
+def test_retrieval_perfect_and_known_ranks():
+    images = _onehot([0, 1, 2, 3], 4)
+    # Two captions per image; each caption equals its image embedding -> every recall is 1.
+    texts = np.repeat(images, 2, axis=0)
+    text_image = np.repeat(np.arange(4), 2)
+    m = retrieval_metrics(images, texts, text_image)
+    assert all(v == 1.0 for v in m.values()), m
+
+    # Caption 0 (of image 0) points at image 1; caption 1 (of image 0) at image 0. Captions 2,3 of image 1 point at
+    # image 2. Images 2, 3 have no correct caption close: captions 4,5 -> image 3, 6,7 -> image 2.
+    texts = _onehot([1, 0, 2, 2, 3, 3, 2, 2], 4) + 0.1 * _onehot([0, 0, 1, 1, 2, 2, 3, 3], 4)
+    m = retrieval_metrics(images, texts, text_image, ks=(1, 2))
+    # t2i top-1 hits: caption 1 only (caption 0's best is image 1, 2/3 -> image 2, 4/5 -> image 3, 6/7 -> image 2).
+    assert m["t2i_r1"] == pytest.approx(1 / 8)
+    # t2i top-2: each caption's own image has score 0.1 (second best) except caption 1 (1.1, best) -> all 8 hit.
+    assert m["t2i_r2"] == pytest.approx(1.0)
+    # i2t: image 0 -> its caption 1 scores 1.1 (best overall) -> hit. Image 1: its captions score 0.1, but caption 0
+    # scores 1.0 on image 1 -> rank 1 (hit at 2, not 1). Image 2: captions 2,3,6,7 score 1.0, its own (4,5) 0.1 ->
+    # rank 4. Image 3: captions 4,5 score 1.0 (they are image 2's), its own 6,7 score 0.1 -> rank 2.
+    assert m["i2t_r1"] == pytest.approx(1 / 4)
+    assert m["i2t_r2"] == pytest.approx(2 / 4)
+
+
+def test_retrieval_ties_count_against_the_query():
+    images = np.ones((3, 2), np.float32)  # all identical: every score ties
+    m = retrieval_metrics(images, images, np.arange(3), ks=(1, 3))
+    assert m["t2i_r1"] == 0.0 and m["t2i_r3"] == 1.0
+    assert m["i2t_r1"] == 0.0 and m["i2t_r3"] == 1.0
+
+
+def test_retrieval_rejects_bad_indices():
+    with pytest.raises(ValueError, match="indices into the 2 images"):
+        retrieval_metrics(np.eye(2), np.eye(2), np.array([0, 2]))
+
+
+def test_box_classification_known_answers():
+    # 3 classes; boxes: class 0 x3 (2 right at top-1, the third ranks 2nd), class 1 x1 (ranks 3rd), class 2 x0.
+    scores = np.array([[3, 1, 0], [3, 2, 1], [1, 2, 0], [2, 1, 3]], np.float32)
+    labels = np.array([0, 0, 0, 1])
+    m = box_classification_metrics(scores, labels, ks=(1, 2))
+    assert m["top1_micro"] == pytest.approx(2 / 4)
+    assert m["top1"] == pytest.approx((2 / 3 + 0) / 2)  # per-class mean over the 2 classes present
+    assert m["top2_micro"] == pytest.approx(3 / 4)
+    assert m["top2"] == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_box_classification_top2_miss_and_thing_stuff():
+    scores = np.array([[1, 3, 2], [0, 1, 2], [2, 1, 0]], np.float32)
+    labels = np.array([0, 1, 2])  # class 0 ranks 3rd, class 1 2nd, class 2 3rd
+    m = box_classification_metrics(scores, labels, is_thing=[True, True, False], ks=(1, 2))
+    assert m["top1"] == 0.0 and m["top1_micro"] == 0.0
+    assert m["top2"] == pytest.approx(1 / 3)
+    assert m["top2_thing"] == pytest.approx(0.5) and m["top2_stuff"] == 0.0
+
+
+def test_box_classification_rejects_bad_labels():
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
+        box_classification_metrics(np.zeros((2, 2)), np.array([0, 2]))

@@ -1,0 +1,127 @@
+"""`python -m harmoclip_jax.main` end to end on the tiny scenes dataset: smoke run, kill -9 + resume, NaN stop,
+SIGTERM. Runs the real command in subprocesses (1 CPU device each, so they are quick)."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from harmoclip_jax.metrics_writer import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_force_host_platform_device_count" not in f)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _main(workdir, *overrides, arg="smoke,noeval", check=True, timeout=240):
+    cmd = [sys.executable, "-m", "harmoclip_jax.main", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}",
+           "--config.progress_bar=False", "--config.plot=False", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r}
+
+
+def test_smoke_run_writes_everything_and_evaluates(tmp_path):
+    workdir = tmp_path / "run"
+    proc = _main(workdir, "--config.plot=True", arg="smoke")
+    assert "harmoclip_jax | method=harmoclip" in proc.stdout  # the one-line summary
+    assert "final evaluation" in proc.stdout
+    for name in ("metrics.jsonl", "config.json", "curves.png", "params/clip_config.json"):
+        assert (workdir / name).exists(), name
+    records = read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    last = records[-1]
+    for key in ("loss", "loss/gc", "loss/lrc", "loss/gr", "learning_rate", "images_per_s",
+                "eval/retrieval/t2i_r1", "eval/retrieval/i2t_r10", "eval/boxcls/top1", "eval/boxcls/top5_micro"):
+        assert key in last, key
+    assert last["eval/retrieval/num_images"] == 72 and last["eval/retrieval/num_captions"] == 360
+    assert json.loads((workdir / "config.json").read_text())["method"] == "harmoclip"
+    # The params-only export loads with one call and embeds.
+    from harmoclip_jax.checkpoint import load_params
+
+    model = load_params(workdir / "params")
+    assert model.encode_image(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 32)
+    # Rerunning a finished run resumes at the last step and only re-evaluates.
+    again = _main(workdir, arg="smoke")
+    assert "resumed" in again.stdout and "at step 4" in again.stdout
+
+
+def test_kill_9_then_rerun_resumes_with_identical_losses(tmp_path):
+    steps = ["--config.total_steps=8", "--config.checkpoint.every=2", "--config.log_every=1"]
+    reference = tmp_path / "reference"
+    _main(reference, *steps)
+    killed = tmp_path / "killed"
+    proc = _main(killed, *steps, "--config.debug.kill_at_step=5", check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert max(_losses(killed)) == 5
+    resumed = _main(killed, *steps)
+    assert "resumed" in resumed.stdout
+    expected, got = _losses(reference), _losses(killed)
+    assert sorted(got) == list(range(1, 9))
+    # Same batches, same rng, same state: the same numbers (bitwise on one device).
+    for step in range(1, 9):
+        assert got[step] == expected[step], (step, got[step], expected[step])
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "nan"
+    proc = _main(workdir, "--config.total_steps=8", "--config.checkpoint.every=2",
+                 "--config.debug.inject_nan_at_step=5", "--config.checkpoint.async_save=True", check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss at step 5" in proc.stderr and "last good checkpoint is step 4" in proc.stderr
+    from harmoclip_jax.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(workdir / "checkpoints")
+    assert ckpt.latest_step() == 4
+    import jax
+
+    from harmoclip_jax import config_lib, train
+
+    config = config_lib.load_config(str(ROOT / "configs/demo.py:smoke"))
+    trainer = train.build_trainer(config, train.sharding.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]))
+    state = ckpt.restore(4, trainer.abstract_state)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    assert int(state["step"]) == 4
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "term"
+    cmd = [sys.executable, "-m", "harmoclip_jax.main", "--config=configs/demo.py:smoke,noeval",
+           f"--workdir={workdir}", "--config.progress_bar=False", "--config.plot=False",
+           "--config.total_steps=100000", "--config.checkpoint.every=100000", "--config.log_every=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if (workdir / "metrics.jsonl").exists() and len(_losses(workdir)) >= 3:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "checkpoint saved" in out
+    from harmoclip_jax.checkpoint import TrainCheckpointer
+
+    latest = TrainCheckpointer(workdir / "checkpoints").latest_step()
+    assert latest is not None and latest >= 3 and latest == max(_losses(workdir))

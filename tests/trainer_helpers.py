@@ -1,0 +1,55 @@
+"""Shared pieces of the trainer tests: a tiny config and synthetic batches (no dataset needed)."""
+import numpy as np
+
+from harmoclip_jax import config_lib
+
+EOT = 49407
+SOT = 49406
+
+
+def tiny_config(method="harmoclip", batch_size=16, **optim):
+    c = config_lib.base_config(method)
+    c.model.variant = "test-tiny"
+    c.model.image_size = 64
+    c.model.context_length = 16
+    c.data.image_size = 64
+    c.data.context_length = 16
+    c.data.max_regions = 3
+    c.batch_size = batch_size
+    c.eval_batch_size = batch_size
+    c.total_steps = 10
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 2
+    c.optim.freeze = []
+    c.sharding.fsdp_min_size_mb = 0.0  # shard even tiny arrays, so fsdp meshes really split parameters
+    c.optim.update(optim)
+    return c
+
+
+def _tokens(rng, shape, vocab=400):
+    tokens = rng.integers(1, vocab, size=(*shape, 16)).astype(np.int32)
+    lengths = rng.integers(3, 12, size=shape)
+    tokens[..., 0] = SOT
+    for idx in np.ndindex(*shape):
+        tokens[idx][lengths[idx]] = EOT
+        tokens[idx][lengths[idx] + 1:] = 0
+    return tokens
+
+
+def synthetic_batch(seed, batch_size=16, regions=3, size=64):
+    """A batch with the train pipeline's keys (image, text, boxes, box_mask, region_text, lexeme, lexeme_id)."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.uniform(0, size * 0.6, (batch_size, regions, 2))
+    wh = rng.uniform(size * 0.1, size * 0.4, (batch_size, regions, 2))
+    boxes = np.concatenate([x0, x0 + wh], -1).astype(np.float32)
+    box_mask = rng.uniform(size=(batch_size, regions)) < 0.8
+    box_mask[:, 0] = True
+    return {
+        "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+        "text": _tokens(rng, (batch_size,)),
+        "boxes": boxes,
+        "box_mask": box_mask,
+        "region_text": _tokens(rng, (batch_size, regions)),
+        "lexeme": _tokens(rng, (batch_size, regions), vocab=20),
+        "lexeme_id": rng.integers(0, 6, size=(batch_size, regions)).astype(np.int32),
+    }
