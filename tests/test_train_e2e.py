@@ -22,6 +22,7 @@ def _env():
                                 if "xla_force_host_platform_device_count" not in f)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # compile-bound tiny runs
     return env
 
 

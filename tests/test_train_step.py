@@ -9,6 +9,15 @@ from trainer_helpers import synthetic_batch, tiny_config
 STEPS = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """These tests are compile-bound; XLA's optimisation passes cost more than they save at this size."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def _mesh(data, fsdp):
     return sharding.make_mesh([("data", data), ("fsdp", fsdp)], devices=jax.devices()[: data * fsdp])
 
@@ -50,11 +59,11 @@ def test_sharded_step_matches_single_device(single_device_run, data, fsdp):
 def test_grad_accumulation_matches_sum_of_microbatch_losses():
     """With 2 micro-batches the step's loss is the mean of the two half-batch losses (each its own contrastive
     batch, as documented), and the run stays finite."""
-    mesh = _mesh(8, 1)
+    mesh = _mesh(2, 1)
     config = tiny_config()
     config.optim.grad_accum_steps = 2
     trainer = train.build_trainer(config, mesh)
-    plain = train.build_trainer(tiny_config(batch_size=8), _mesh(8, 1))
+    plain = train.build_trainer(tiny_config(batch_size=8), mesh)
     batch = synthetic_batch(0)
     with jax.set_mesh(mesh):
         state = trainer.init_state()
@@ -91,7 +100,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 def test_text_cache_gives_the_same_loss_as_encoding(tmp_path):
     """With the text tower frozen, cached embeddings replace token inputs without changing the loss."""
     mesh = _mesh(8, 1)
-    config = tiny_config()
+    config = tiny_config(warmup_steps=0)
     config.optim.freeze = [config_lib.TEXT_TOWER]
     trainer = train.build_trainer(config, mesh)
     assert trainer.text_frozen
@@ -104,13 +113,19 @@ def test_text_cache_gives_the_same_loss_as_encoding(tmp_path):
         assert "region_text_embed" in cached_keys and "region_text" not in cached_keys
         cached = sharding.put_batch(train.prepare_batch(batch, cached_keys, cache), mesh)
         plain = sharding.put_batch(train.prepare_batch(batch, train.device_batch_keys(trainer, False), None), mesh)
+        before = sharding.to_host(state["params"])
         _, m_plain = trainer.train_step(jax.tree.map(lambda x: x.copy(), state), plain, {})
-        _, m_cached = trainer.train_step(state, cached, {})
+        new_state, m_cached = trainer.train_step(state, cached, {})
+        after = sharding.to_host(new_state["params"])
     np.testing.assert_allclose(float(m_cached["loss"]), float(m_plain["loss"]), rtol=1e-5)
+    # The frozen text tower does not move; the image tower does.
+    for got, want in zip(jax.tree.leaves(after["text"]), jax.tree.leaves(before["text"])):
+        np.testing.assert_array_equal(got, want)
+    assert np.abs(after["visual"]["proj"] - before["visual"]["proj"]).max() > 0
     cache.save()
     assert cache.misses > 0 and len(cache) == cache.misses
     # Reloaded from disk it encodes nothing new.
-    again = train.make_text_cache(trainer, jax.device_put(sharding.to_host(state["params"])), tmp_path, "synthetic")
+    again = train.make_text_cache(trainer, after, tmp_path, "synthetic")
     before = again.misses
     again.lookup(batch["region_text"])
     assert again.misses == before == 0
@@ -134,20 +149,6 @@ def test_optimizer_masks():
     assert trained["logit_scale"]
 
 
-def test_frozen_text_tower_does_not_change():
-    mesh = _mesh(8, 1)
-    config = tiny_config()
-    config.optim.freeze = [config_lib.TEXT_TOWER]
-    trainer = train.build_trainer(config, mesh)
-    with jax.set_mesh(mesh):
-        state = trainer.init_state()
-        before = sharding.to_host(state["params"])
-        state, _ = trainer.train_step(state, sharding.put_batch(synthetic_batch(0), mesh), {})
-        after = sharding.to_host(state["params"])
-    np.testing.assert_array_equal(after["text"]["text_projection"], before["text"]["text_projection"])
-    assert np.abs(after["visual"]["proj"] - before["visual"]["proj"]).max() > 0
-
-
 def test_logit_scale_is_clamped():
     mesh = _mesh(1, 1)
     config = tiny_config(lr=10.0)  # a huge step pushes logit_scale far past ln(100)
@@ -161,9 +162,9 @@ def test_logit_scale_is_clamped():
     assert float(state["params"]["logit_scale"]) <= np.log(100.0) + 1e-6
 
 
-@pytest.mark.parametrize("method", ["clip", "fineclip", "clipself", "regionclip"])
+@pytest.mark.parametrize("method", ["fineclip", "clipself", "regionclip"])
 def test_every_method_trains(method):
-    mesh = _mesh(8, 1)
+    mesh = _mesh(2, 1)
     config = tiny_config(method)
     trainer = train.build_trainer(config, mesh)
     consts = {}
@@ -174,6 +175,6 @@ def test_every_method_trains(method):
     with jax.set_mesh(mesh):
         state = trainer.init_state()
         state, metrics = trainer.train_step(state, sharding.put_batch(synthetic_batch(0), mesh), consts)
-    expected = {"clip": {"gc"}, "fineclip": {"gc", "sd", "rc"}, "clipself": {"sd"}, "regionclip": {"concept"}}
+    expected = {"fineclip": {"gc", "sd", "rc"}, "clipself": {"sd"}, "regionclip": {"concept"}}
     assert {k.removeprefix("loss/") for k in metrics if k.startswith("loss/")} == expected[method]
     assert np.isfinite(float(metrics["loss"]))
