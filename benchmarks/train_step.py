@@ -1,0 +1,232 @@
+"""HarmoCLIP train step: ours (one jitted step) vs a PyTorch reference of the same model and losses, in one run.
+
+    python benchmarks/train_step.py [--batch 8] [--boxes 20] [--steps 3] [--variant ViT-B/16]
+
+Both sides do the same work per step, the FineCLIP COCO protocol's: text tower frozen, so caption / region-caption /
+lexeme embeddings come precomputed (our trainer's text cache; FineCLIP would run the frozen tower under no_grad);
+vision forward with the dense last block (value path for patch tokens, full attention for the class token);
+RoIAlign (1x1 output, FineCLIP) of the boxes; GC + LRC + GR-a losses; backward through the vision tower; AdamW
+(lr 1e-5, betas (0.9, 0.98), eps 1e-6, wd 0.1) on vision + logit_scale. Random weights (timing only).
+
+The reference is transformers' CLIPModel (harmoclip_jax.testing.reference.hf_clip_model) with the dense last block
+written from its modules, RoIAlign as bilinear `grid_sample` at 7x7 points per box averaged (torchvision's
+roi_align cannot load against this CPU torch build), and the losses written in torch.
+
+Prints one JSON object per case (BRIEF.md format). Extra fields: seconds per step, XLA's flop count of our step,
+the MFU estimate against a peak of --peak_gflops (default 300: the f32 matmul peak measured on this 2-core CPU in
+env.md), and the share of our step spent in RoIAlign + region losses (their forward + backward timed alone).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _batch(rng, b, t, size, embed):
+    x0 = rng.uniform(0, size * 0.6, (b, t, 2))
+    wh = rng.uniform(size * 0.05, size * 0.4, (b, t, 2))
+    boxes = np.concatenate([x0, x0 + wh], -1).astype(np.float32)
+    return {
+        "image": rng.normal(size=(b, size, size, 3)).astype(np.float32),
+        "boxes": boxes,
+        "box_mask": np.ones((b, t), bool),
+        "lexeme_id": rng.integers(0, 50, (b, t)).astype(np.int32),
+        "text_embed": rng.normal(size=(b, embed)).astype(np.float32),
+        "region_text_embed": rng.normal(size=(b, t, embed)).astype(np.float32),
+        "lexeme_embed": rng.normal(size=(b, t, embed)).astype(np.float32),
+    }
+
+
+def _time(fn, steps):
+    fn()  # warm-up (compilation / allocator)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+# ------------------------------------------------------------------------------------------------- ours
+
+
+def ours(args, batch):
+    import jax
+    import jax.numpy as jnp
+
+    from harmoclip_jax import config_lib, losses, sharding, train
+    from harmoclip_jax.train import region_embeddings
+
+    c = config_lib.base_config("harmoclip")
+    c.model.variant = args.variant
+    c.model.image_size = args.size
+    c.data.image_size = args.size
+    c.data.max_regions = args.boxes
+    c.batch_size = c.eval_batch_size = args.batch
+    c.total_steps = 10_000
+    c.model.dtype = args.dtype
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", 1)], devices=jax.devices()[:1])
+    trainer = train.build_trainer(c, mesh)
+    keys = train.device_batch_keys(trainer, cache_active=True)
+    with jax.set_mesh(mesh):
+        state = trainer.init_state()
+        device_batch = sharding.put_batch({k: batch[k] for k in keys}, mesh)
+        compiled = trainer.train_step.lower(state, device_batch, {}).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", float("nan")))
+        holder = {"state": state}
+
+        def step():
+            holder["state"], metrics = compiled(holder["state"], device_batch, {})
+            jax.block_until_ready(metrics["loss"])
+
+        seconds = _time(step, args.steps)
+
+        # RoIAlign + region losses (LRC + GR-a), forward + backward w.r.t. the dense features, alone.
+        grid = args.size // trainer.glue.patch_size
+        dense = jnp.asarray(np.random.default_rng(1).normal(size=(args.batch, grid, grid, 512)), jnp.float32)
+        loss_config = c.loss
+
+        def region_part(dense, b):
+            regions = region_embeddings(dense, b["boxes"], c.region, trainer.glue.patch_size)
+            lrc = losses.lexeme_region_contrastive_loss(regions, b["lexeme_embed"], b["box_mask"], b["lexeme_id"],
+                                                        jnp.log(100.0), loss_config.lrc_duplicates)
+            gr = losses.region_caption_loss(regions, b["region_text_embed"], b["box_mask"], jnp.log(100.0))
+            return lrc + gr
+
+        region_grad = jax.jit(jax.value_and_grad(region_part))
+        b = {k: jnp.asarray(v) for k, v in batch.items()}
+        region_seconds = _time(lambda: jax.block_until_ready(region_grad(dense, b)), max(args.steps, 5))
+    return seconds, flops, region_seconds
+
+
+# -------------------------------------------------------------------------------------------- reference
+
+
+def reference(args, batch):
+    from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
+
+    ensure_torch_reference_stack()
+    import torch
+    import torch.nn.functional as F
+
+    from harmoclip_jax.testing.reference import hf_clip_model
+
+    torch.set_num_threads(args.threads)
+    model = hf_clip_model(args.variant, image_size=args.size).train()
+    vm, patch = model.vision_model, model.config.vision_config.patch_size
+    grid = args.size // patch
+    for p in model.text_model.parameters():
+        p.requires_grad_(False)
+    for p in model.text_projection.parameters():
+        p.requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
+
+    def encode_dense(pixels):
+        hidden = vm.pre_layrnorm(vm.embeddings(pixels))
+        for layer in vm.encoder.layers[:-1]:
+            out = layer(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        last = vm.encoder.layers[-1]
+        h = last.layer_norm1(hidden)
+        cls = last.self_attn(h)[0][:, :1]  # class token attends to all tokens (HF computes every row)
+        values = last.self_attn.out_proj(last.self_attn.v_proj(h[:, 1:]))  # patches: value path
+        x = hidden + torch.cat([cls, values], 1)
+        x = x + last.mlp(last.layer_norm2(x))
+        out = model.visual_projection(vm.post_layernorm(x))
+        return out[:, 0], out[:, 1:].reshape(x.shape[0], grid, grid, -1)
+
+    def roi_pool(dense, boxes, points=7):
+        """Mean of points x points bilinear samples inside each (aligned, -0.5 cell) box."""
+        b, t = boxes.shape[:2]
+        g = (boxes / patch) - 0.5  # grid coordinates of the box
+        frac = (torch.arange(points, dtype=torch.float32) + 0.5) / points
+        xs = g[..., 0:1] + frac * (g[..., 2:3] - g[..., 0:1])  # (b, t, P)
+        ys = g[..., 1:2] + frac * (g[..., 3:4] - g[..., 1:2])
+        gx = (xs + 0.5) / grid * 2 - 1
+        gy = (ys + 0.5) / grid * 2 - 1
+        sample = torch.stack(torch.broadcast_tensors(gx[..., None, :], gy[..., :, None]), -1)  # (b,t,P,P,2)
+        feats = F.grid_sample(dense.permute(0, 3, 1, 2), sample.reshape(b, t * points, points, 2),
+                              mode="bilinear", align_corners=False)
+        return feats.reshape(b, -1, t, points * points).mean(-1).permute(0, 2, 1)
+
+    def info_nce(q, k, scale, valid=None, positive=None):
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        n = q.shape[0]
+        valid = torch.ones(n, dtype=torch.bool) if valid is None else valid
+        pos = torch.eye(n, dtype=torch.bool) if positive is None else (positive | torch.eye(n, dtype=torch.bool))
+        logits = scale * q @ k.T
+
+        def one_way(lg, ps):
+            lg = lg.masked_fill(~valid[None, :], float("-inf"))
+            loss = torch.logsumexp(lg, -1) - torch.logsumexp(lg.masked_fill(~ps, float("-inf")), -1)
+            return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+        return (one_way(logits, pos) + one_way(logits.T, pos.T)) / 2
+
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    pixels = tb["image"].permute(0, 3, 1, 2).contiguous()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        image, dense = encode_dense(pixels)
+        regions = roi_pool(dense, tb["boxes"]).reshape(-1, dense.shape[-1])
+        scale = model.logit_scale.exp()
+        mask = tb["box_mask"].reshape(-1)
+        ids = tb["lexeme_id"].reshape(-1)
+        gc = info_nce(image, tb["text_embed"], scale)
+        lrc = info_nce(regions, tb["lexeme_embed"].reshape(regions.shape), scale, mask, ids[:, None] == ids[None])
+        gr = info_nce(regions, tb["region_text_embed"].reshape(regions.shape), scale, mask)
+        loss = gc + lrc + gr
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=float(np.log(100.0)))
+        return float(loss)
+
+    return _time(step, args.steps)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", default="ViT-B/16")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--boxes", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--peak_gflops", type=float, default=300.0)
+    parser.add_argument("--skip_reference", action="store_true")
+    args = parser.parse_args()
+    batch = _batch(np.random.default_rng(0), args.batch, args.boxes, args.size, 512 if "B/" in args.variant else 768)
+
+    seconds, flops, region_seconds = ours(args, batch)
+    ref_seconds = float("nan") if args.skip_reference else reference(args, batch)
+    ours_rate, ref_rate = args.batch / seconds, args.batch / ref_seconds
+    case = {"variant": args.variant, "image_size": args.size, "batch": args.batch, "boxes_per_image": args.boxes,
+            "method": "harmoclip (GC+LRC+GR-a), text tower frozen + cached", "dtype": args.dtype,
+            "device": "cpu", "threads": args.threads}
+    print(json.dumps({
+        "bench": "train_step", "case": case, "unit": "images/s", "ours": ours_rate, "reference": ref_rate,
+        "reference_name": "transformers CLIPModel + torch losses/AdamW (PyTorch CPU)",
+        "speedup": ours_rate / ref_rate,
+        "ours_s_per_step": seconds, "reference_s_per_step": ref_seconds,
+        "xla_gflops_per_step": flops / 1e9,
+        "mfu": flops / seconds / (args.peak_gflops * 1e9),
+        "roi_and_region_loss_s": region_seconds, "roi_and_region_loss_share": region_seconds / seconds,
+    }))
+
+
+if __name__ == "__main__":
+    main()
