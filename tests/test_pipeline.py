@@ -232,8 +232,14 @@ class CorruptScenes(tfds.core.GeneratorBasedBuilder):
 def corrupt_source(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("corrupt"))
     CorruptScenes(data_dir=directory, file_format="array_record").download_and_prepare()
-    return tfds.data_source("corrupt_scenes", split="train", data_dir=directory,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+    return pipeline.open_source("corrupt_scenes", "train", directory)  # a prepared (not generated) dataset
+
+
+def test_unprepared_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not prepared .* harmoclip_jax.data.prepare"):
+        pipeline.open_source("coco_retrieval", "val", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="unknown dataset 'no_such_set'"):
+        pipeline.open_source("no_such_set", "val", str(tmp_path))
 
 
 def test_train_repairs_or_skips_bad_records_and_counts_them(corrupt_source, config, caplog):

@@ -404,14 +404,24 @@ class EvalTransform:
 def open_source(dataset: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
     """Random-access TFDS source of `dataset` ("name[/config]") with images left encoded (decoded by us).
 
-    The scenes dataset is generated into `data_dir` on first use; other datasets must have been prepared.
+    The scenes dataset is generated into `data_dir` on first use; the real datasets (COCO, Flickr30k) must have
+    been prepared with `python -m harmoclip_jax.data.prepare` (docs/datasets.md).
     """
     import tensorflow_datasets as tfds
 
-    if dataset.split("/")[0] == "scenes":
-        from harmoclip_jax.data import scenes  # noqa: F401  (registers the builder)
-    return tfds.data_source(dataset, split=split, data_dir=data_dir,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+    from harmoclip_jax.data import coco, flickr, scenes  # noqa: F401  (importing registers the builders)
+
+    hint = (f"build it with `python -m harmoclip_jax.data.prepare` (docs/datasets.md) or point config.data_dir at "
+            f"it (data_dir={data_dir!r}; None means the TFDS default, $TFDS_DATA_DIR)")
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise FileNotFoundError(f"unknown dataset {dataset!r}: {hint}") from error
+    if not builder.is_prepared():
+        if dataset.split("/")[0] != "scenes":
+            raise FileNotFoundError(f"dataset {dataset!r} is not prepared under {builder.data_dir}: {hint}")
+        builder.download_and_prepare()  # generated procedurally; nothing is downloaded
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
