@@ -312,3 +312,18 @@ def test_two_workers_produce_valid_batches_and_resume(data_dir, config):
         _assert_batches_equal(_take(restored, 2), expected)
     finally:
         restored.close()
+
+
+def test_iterator_state_round_trips_through_an_orbax_checkpoint(data_dir, config, tmp_path):
+    import orbax.checkpoint as ocp
+
+    kwargs = dict(data_dir=data_dir, seed=4, process_index=0, process_count=1)
+    original = pipeline.make_train_iterator(config, **kwargs)
+    _take(original, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(original)))
+        manager.wait_until_finished()
+        expected = _take(original, 2)
+        restored = pipeline.make_train_iterator(config, **kwargs)
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_batches_equal(_take(restored, 2), expected)
