@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from harmoclip_jax.data import scenes

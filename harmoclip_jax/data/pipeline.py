@@ -24,10 +24,10 @@ The iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` (JSON-
 `grain.checkpoint.CheckpointSave(it)` put them into checkpoints, and a restored iterator continues with exactly
 the batches the original would have produced. Call `close()` when done (multiprocess workers).
 
-Bad records: train repairs what it can (drops broken boxes, empty captions, clips boxes that stick out of the
-image) and skips what it cannot (undecodable image, no usable caption), logs each, and raises `BadRecordsError`
-once more than `max_bad_fraction` of the records read (after `bad_check_after` records) were bad. Eval raises
-`BadRecordError` naming the record at the first problem.
+Bad records: train repairs what it can (drops boxes that are non-finite, outside the image beyond float rounding or
+of zero area, and empty captions) and skips what it cannot (undecodable image, no usable caption), logs each, and
+raises `BadRecordsError` once more than `max_bad_fraction` of the records read (after `bad_check_after` records)
+were bad. Eval raises `BadRecordError` naming the record at the first problem.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import hashlib
 import io
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grain
 import ml_collections
@@ -313,11 +313,6 @@ class _SkipBadRecordsIterator(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
         self._seen, self._bad = int(state["seen"]), int(state["bad"])
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Records read and bad records (repaired or skipped) so far, in this process or worker."""
-        return {"seen": self._seen, "bad": self._bad}
 
 
 class SkipBadRecords(grain.IterDataset):
