@@ -1,0 +1,508 @@
+"""grain input pipelines: TFDS ArrayRecord records (`features.py` schema) -> fixed-shape numpy batches.
+
+Train (`make_train_iterator`): source -> per-process shard -> seeded per-epoch shuffle -> repeat -> per-example
+transform -> skip bad records -> batch (drop remainder) -> optional multiprocess prefetch. One batch holds
+
+    image        (B, S, S, 3) float32   squashed to S x S, CLIP-normalised (OpenAI mean/std)
+    text         (B, 77) int32          one global caption, drawn per (seed, epoch, record)
+    boxes        (B, T, 4) float32      xyxy in pixels of the S x S image; zeros where padded
+    box_mask     (B, T) bool            True for real regions (a random subset of at most T)
+    region_text  (B, T, 77) int32       region captions (zeros where padded)
+    lexeme       (B, T, 77) int32       region lexemes (zeros where padded)
+    lexeme_id    (B, T) int32           `lexeme_id(lexeme)`: equal strings -> equal ids; -1 where none
+    label        (B, T) int32           class index, -1 where none
+    index        (B,) int32             record index in the split
+    num_bad_records (B,) int32          bad records repaired or skipped to produce each example (diagnostics)
+
+Eval (`make_eval_iterator`): every record of the process's shard exactly once, in order, the last batch padded;
+all processes yield the same number of batches (collectives stay in step). One batch holds `image`,
+`captions (B, K, 77)` with `caption_mask (B, K)` (the first K captions; K=5 as in COCO/Flickr retrieval),
+`boxes`/`box_mask`/`label` with all regions (at most `eval_max_regions`), `mask (B,)` (False on padding) and
+`index (B,)` (-1 on padding).
+
+The iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` (JSON-able dicts) or
+`grain.checkpoint.CheckpointSave(it)` put them into checkpoints, and a restored iterator continues with exactly
+the batches the original would have produced. Call `close()` when done (multiprocess workers).
+
+Bad records: train repairs what it can (drops boxes that are non-finite, outside the image beyond float rounding or
+of zero area, and empty captions) and skips what it cannot (undecodable image, no usable caption), logs each, and
+raises `BadRecordsError` once more than `max_bad_fraction` of the records read (after `bad_check_after` records)
+were bad. Eval raises `BadRecordError` naming the record at the first problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+from typing import Any, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# OpenAI CLIP normalisation (also used by open_clip's OpenAI/EVA checkpoints).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# Boxes may overshoot [0, 1] by float rounding; beyond this they are broken.
+_BOX_TOLERANCE = 1e-3
+# A box narrower than this many pixels of the resized image carries no region.
+_MIN_BOX_PIXELS = 1e-3
+
+
+class BadRecordError(ValueError):
+    """A record that an eval pipeline cannot use (eval never silently drops or repairs records)."""
+
+
+class BadRecordsError(RuntimeError):
+    """Too many bad records in a training stream."""
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The data section of an experiment config (see module docstring for the batch layout)."""
+    config = ml_collections.ConfigDict()
+    config.dataset = "scenes/default"  # TFDS name[/config]; scenes is generated on first use
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None = TFDS default
+    config.train_split = "train"
+    config.eval_split = "val"
+    config.image_size = 224  # S: images are squashed to S x S (as FineCLIP)
+    config.max_regions = 8  # T: regions per training image (random subset, padded with box_mask)
+    config.eval_max_regions = 16  # regions per eval image; a record with more is an error, never truncated
+    config.eval_captions = 5  # K: captions per eval image (COCO/Flickr: 5)
+    config.context_length = 77
+    config.batch_size = 32  # per process
+    config.eval_batch_size = 32  # per process
+    config.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
+    config.num_workers = 0  # grain multiprocess workers (0 = in the main process)
+    config.worker_buffer_size = 2  # batches each worker prepares ahead
+    config.read_threads = 2  # threads per process that run the per-example transform
+    config.read_buffer_size = 64  # examples prefetched by those threads
+    config.seed = 0
+    config.max_bad_fraction = 0.01  # train stops once more than this fraction of records read was bad
+    config.bad_check_after = 100  # ... counted after at least this many records
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def lexeme_id(text: str | bytes) -> int:
+    """A stable non-negative 31-bit id of a lexeme (case and surrounding space ignored); -1 for ''.
+
+    A hash rather than a dataset table, so ids agree across datasets, processes and runs.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    text = " ".join(text.lower().split())
+    if not text:
+        return -1
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+class _TokenCache:
+    """Tokenizes strings, remembering recent ones: lexemes and region captions repeat a lot."""
+
+    def __init__(self, context_length: int, max_entries: int = 200_000):
+        self.context_length = context_length
+        self.max_entries = max_entries
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        from harmoclip_jax.tokenizer import tokenize  # imported lazily: workers import this module first
+
+        missing = sorted({t for t in texts if t not in self._cache})
+        if missing:
+            if len(self._cache) + len(missing) > self.max_entries:
+                self._cache.clear()
+            for text, tokens in zip(missing, tokenize(missing, context_length=self.context_length)):
+                self._cache[text] = tokens
+        out = np.zeros((len(texts), self.context_length), np.int32)
+        for row, text in enumerate(texts):
+            out[row] = self._cache[text]
+        return out
+
+
+_TOKEN_CACHES: dict[int, _TokenCache] = {}
+
+
+def _tokenize(texts: Sequence[str], context_length: int) -> np.ndarray:
+    if context_length not in _TOKEN_CACHES:
+        _TOKEN_CACHES[context_length] = _TokenCache(context_length)
+    return _TOKEN_CACHES[context_length](texts)
+
+
+def _to_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def decode_image(image: Any, size: int) -> np.ndarray:
+    """Encoded bytes (or a uint8 HWC array) -> float32 (size, size, 3), squashed and CLIP-normalised."""
+    if isinstance(image, np.ndarray):
+        picture = Image.fromarray(image)
+    else:
+        picture = Image.open(io.BytesIO(image))
+        picture.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale that still covers size x size
+    picture = picture.convert("RGB")
+    if picture.size != (size, size):
+        picture = picture.resize((size, size), Image.BICUBIC)
+    pixels = np.asarray(picture, dtype=np.float32) * np.float32(1 / 255)
+    return (pixels - CLIP_MEAN) / CLIP_STD
+
+
+def _check_boxes(boxes: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per box: usable? Clips boxes within tolerance; returns (ok mask, problems per box or '')."""
+    problems = []
+    for box in boxes:
+        x0, y0, x1, y1 = box
+        if not np.all(np.isfinite(box)):
+            problems.append(f"non-finite box {box.tolist()}")
+        elif min(x0, y0) < -_BOX_TOLERANCE or max(x1, y1) > 1 + _BOX_TOLERANCE:
+            problems.append(f"box {np.round(box, 4).tolist()} outside the image (normalised xyxy)")
+        elif x1 <= x0 or y1 <= y0:
+            problems.append(f"box {np.round(box, 4).tolist()} has zero or negative area")
+        else:
+            problems.append("")
+    return np.array([p == "" for p in problems], bool), problems
+
+
+def _regions(record: dict) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
+    regions = record.get("regions") or {}
+    boxes = np.asarray(regions.get("box", []), np.float32).reshape(-1, 4)
+    n = len(boxes)
+    captions = [_to_str(c) for c in regions.get("caption", [""] * n)]
+    lexemes = [_to_str(c) for c in regions.get("lexeme", [""] * n)]
+    labels = np.asarray(regions.get("label", [-1] * n), np.int64).reshape(-1)
+    if not (len(captions) == len(lexemes) == len(labels) == n):
+        raise ValueError(f"regions have {n} boxes, {len(captions)} captions, {len(lexemes)} lexemes and "
+                         f"{len(labels)} labels; they must match")
+    return boxes, captions, lexemes, labels
+
+
+def _describe(record: dict, index: int) -> str:
+    name = _to_str(record.get("file_name", b"")) or "?"
+    return f"record {index} (image_id={record.get('image_id', '?')}, file_name={name!r})"
+
+
+# ---------------------------------------------------------------------------------------- train transform
+
+
+class TrainTransform:
+    """(stream position, (record index, record)) -> a training example, or a skip marker for a bad record.
+
+    Randomness (caption choice, region subset) is a pure function of (seed, epoch, record index), so the stream
+    does not depend on worker count or thread timing. Module-level class: multiprocess workers unpickle it.
+    """
+
+    def __init__(self, *, image_size: int, max_regions: int, context_length: int, seed: int, epoch_length: int):
+        self.image_size = image_size
+        self.max_regions = max_regions
+        self.context_length = context_length
+        self.seed = seed
+        self.epoch_length = epoch_length
+
+    def __call__(self, position: int, indexed_record: tuple[int, dict]) -> dict:
+        record_index, record = indexed_record
+        epoch = position // self.epoch_length
+        rng = np.random.default_rng([self.seed, epoch, record_index])
+        problems: list[str] = []
+        try:
+            image = decode_image(record["image"], self.image_size)
+        except Exception as error:  # noqa: BLE001 - any decoder failure means the same: unusable image
+            return _skip(record, record_index, [f"undecodable image ({type(error).__name__}: {error})"])
+        captions = [_to_str(c) for c in record.get("captions", [])]
+        usable = [c for c in captions if c.strip()]
+        if len(usable) < len(captions):
+            problems.append(f"{len(captions) - len(usable)} empty caption(s)")
+        if not usable:
+            return _skip(record, record_index, problems or ["no captions"])
+        try:
+            boxes, region_captions, lexemes, labels = _regions(record)
+        except ValueError as error:
+            return _skip(record, record_index, [str(error)])
+        ok, box_problems = _check_boxes(boxes)
+        problems += [p for p in box_problems if p]
+        keep = np.flatnonzero(ok)
+        if len(keep) > self.max_regions:
+            keep = np.sort(rng.choice(keep, size=self.max_regions, replace=False))
+        caption = usable[int(rng.integers(len(usable)))]
+
+        t, s = self.max_regions, self.image_size
+        pixel_boxes = np.clip(boxes[keep], 0.0, 1.0) * np.float32(s)
+        out_boxes = np.zeros((t, 4), np.float32)
+        out_boxes[: len(keep)] = pixel_boxes
+        box_mask = np.zeros((t,), bool)
+        box_mask[: len(keep)] = True
+        kept_captions = [region_captions[i] for i in keep]
+        kept_lexemes = [lexemes[i] for i in keep]
+        tokens = _tokenize([caption] + kept_captions + kept_lexemes, self.context_length)
+        region_text = np.zeros((t, self.context_length), np.int32)
+        lexeme = np.zeros((t, self.context_length), np.int32)
+        region_text[: len(keep)] = tokens[1: 1 + len(keep)]
+        lexeme[: len(keep)] = tokens[1 + len(keep):]
+        lexeme_ids = np.full((t,), -1, np.int32)
+        lexeme_ids[: len(keep)] = [lexeme_id(x) for x in kept_lexemes]
+        out_labels = np.full((t,), -1, np.int32)
+        out_labels[: len(keep)] = labels[keep]
+        return {
+            "image": image,
+            "text": tokens[0],
+            "boxes": out_boxes,
+            "box_mask": box_mask,
+            "region_text": region_text,
+            "lexeme": lexeme,
+            "lexeme_id": lexeme_ids,
+            "label": out_labels,
+            "index": np.int32(record_index),
+            "_problems": (_describe(record, record_index), tuple(problems)),
+        }
+
+
+def _skip(record: dict, record_index: int, problems: list[str]) -> dict:
+    return {"_skip": True, "_problems": (_describe(record, record_index), tuple(problems))}
+
+
+class AttachIndex:
+    """Pairs a record with its index in the split. Applied right after the source; grain passes indices of later
+    epochs unreduced (index + epoch * length), hence the modulo."""
+
+    def __init__(self, num_records: int):
+        self.num_records = num_records
+
+    def __call__(self, index: int, record: dict) -> tuple[int, dict]:
+        return index % self.num_records, record
+
+
+class _SkipBadRecordsIterator(grain.DatasetIterator):
+    """Drops skip markers, counts and logs bad records, and stops the stream when there are too many."""
+
+    def __init__(self, parent: grain.DatasetIterator, max_bad_fraction: float, check_after: int):
+        super().__init__(parent)
+        self._max_bad_fraction = max_bad_fraction
+        self._check_after = check_after
+        self._seen = 0
+        self._bad = 0
+
+    def __next__(self) -> dict:
+        bad_here = 0
+        while True:
+            example = next(self._parent)
+            where, problems = example.pop("_problems")
+            self._seen += 1
+            if problems:
+                self._bad += 1
+                bad_here += 1
+                action = "skipped" if example.get("_skip") else "repaired"
+                log.warning("bad training %s, %s: %s", where, action, "; ".join(problems))
+                if self._seen >= self._check_after and self._bad > self._max_bad_fraction * self._seen:
+                    raise BadRecordsError(
+                        f"{self._bad} of the {self._seen} training records read so far were bad (more than "
+                        f"max_bad_fraction={self._max_bad_fraction}); the latest: {where}: {'; '.join(problems)}. "
+                        "Fix or rebuild the dataset, or raise config.max_bad_fraction."
+                    )
+            if example.get("_skip"):
+                continue
+            example["num_bad_records"] = np.int32(bad_here)
+            return example
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "seen": self._seen, "bad": self._bad}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._seen, self._bad = int(state["seen"]), int(state["bad"])
+
+
+class SkipBadRecords(grain.IterDataset):
+    """IterDataset wrapper of `_SkipBadRecordsIterator` (see there)."""
+
+    def __init__(self, parent: grain.IterDataset, max_bad_fraction: float, check_after: int):
+        super().__init__(parent)
+        self._max_bad_fraction = max_bad_fraction
+        self._check_after = check_after
+
+    def __iter__(self) -> _SkipBadRecordsIterator:
+        return _SkipBadRecordsIterator(self._parent.__iter__(), self._max_bad_fraction, self._check_after)
+
+
+# ------------------------------------------------------------------------------------------ eval transform
+
+
+class EvalTransform:
+    """Position in the padded shard -> an eval example (padding beyond the shard). Strict: raises on bad data."""
+
+    def __init__(self, *, source: Sequence, record_indices: np.ndarray, image_size: int, max_regions: int,
+                 num_captions: int, context_length: int, split_name: str):
+        self.source = source
+        self.record_indices = record_indices
+        self.image_size = image_size
+        self.max_regions = max_regions
+        self.num_captions = num_captions
+        self.context_length = context_length
+        self.split_name = split_name
+
+    def __call__(self, position: int) -> dict:
+        s, t, k = self.image_size, self.max_regions, self.num_captions
+        example = {
+            "image": np.zeros((s, s, 3), np.float32),
+            "captions": np.zeros((k, self.context_length), np.int32),
+            "caption_mask": np.zeros((k,), bool),
+            "boxes": np.zeros((t, 4), np.float32),
+            "box_mask": np.zeros((t,), bool),
+            "label": np.full((t,), -1, np.int32),
+            "mask": np.bool_(False),
+            "index": np.int32(-1),
+        }
+        if position >= len(self.record_indices):
+            return example
+        record_index = int(self.record_indices[position])
+        record = self.source[record_index]
+
+        def fail(problem: str) -> BadRecordError:
+            return BadRecordError(f"{self.split_name} {_describe(record, record_index)}: {problem}. Eval does not "
+                                  "skip or repair records: fix the dataset (or evaluate on another split).")
+
+        try:
+            example["image"] = decode_image(record["image"], s)
+        except Exception as error:  # noqa: BLE001
+            raise fail(f"undecodable image ({type(error).__name__}: {error})") from error
+        captions = [_to_str(c) for c in record.get("captions", [])][:k]
+        if any(not c.strip() for c in captions):
+            raise fail(f"empty caption among {captions!r}")
+        if captions:
+            example["captions"][: len(captions)] = _tokenize(captions, self.context_length)
+            example["caption_mask"][: len(captions)] = True
+        try:
+            boxes, _, _, labels = _regions(record)
+        except ValueError as error:
+            raise fail(str(error)) from error
+        ok, problems = _check_boxes(boxes)
+        if not ok.all():
+            raise fail("; ".join(p for p in problems if p))
+        if len(boxes) > t:
+            raise fail(f"{len(boxes)} regions but eval_max_regions={t} (eval never drops regions); raise "
+                       "config.eval_max_regions")
+        n = len(boxes)
+        example["boxes"][:n] = np.clip(boxes, 0.0, 1.0) * np.float32(s)
+        example["box_mask"][:n] = True
+        example["label"][:n] = labels
+        example["mask"] = np.bool_(True)
+        example["index"] = np.int32(record_index)
+        return example
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+
+def open_source(dataset: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
+    """Random-access TFDS source of `dataset` ("name[/config]") with images left encoded (decoded by us).
+
+    The scenes dataset is generated into `data_dir` on first use; the real datasets (COCO, Flickr30k) must have
+    been prepared with `python -m harmoclip_jax.data.prepare` (docs/datasets.md).
+    """
+    import tensorflow_datasets as tfds
+
+    from harmoclip_jax.data import coco, flickr, scenes  # noqa: F401  (importing registers the builders)
+
+    hint = (f"build it with `python -m harmoclip_jax.data.prepare` (docs/datasets.md) or point config.data_dir at "
+            f"it (data_dir={data_dir!r}; None means the TFDS default, $TFDS_DATA_DIR)")
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise FileNotFoundError(f"unknown dataset {dataset!r}: {hint}") from error
+    if not builder.is_prepared():
+        if dataset.split("/")[0] != "scenes":
+            raise FileNotFoundError(f"dataset {dataset!r} is not prepared under {builder.data_dir}: {hint}")
+        builder.download_and_prepare()  # generated procedurally; nothing is downloaded
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def _mark_flags_parsed() -> None:
+    # grain's multiprocess workers read absl flags; outside `app.run` they are unparsed and grain raises.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _finish(ds: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+    if config.num_workers > 0:
+        _mark_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
+                                                         per_worker_buffer_size=config.worker_buffer_size))
+    return ds
+
+
+def make_train_dataset(config: ml_collections.ConfigDict, *, data_dir: str | None = None, seed: int | None = None,
+                       process_index: int | None = None, process_count: int | None = None,
+                       source: Sequence[dict] | None = None) -> grain.IterDataset:
+    """The training `grain.IterDataset` of this process (see module docstring). `source` overrides the TFDS one."""
+    process_index, process_count = _process(process_index, process_count)
+    seed = config.seed if seed is None else seed
+    if source is None:
+        source = open_source(config.dataset, config.train_split, data_dir or config.data_dir)
+    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))
+    ds = ds[process_index::process_count]
+    if len(ds) < config.batch_size:
+        raise ValueError(f"process {process_index} has {len(ds)} training records, fewer than one batch "
+                         f"(batch_size={config.batch_size} per process)")
+    epoch_length = len(ds)
+    ds = ds.seed(seed).shuffle().repeat(config.num_epochs)
+    ds = ds.map_with_index(TrainTransform(image_size=config.image_size, max_regions=config.max_regions,
+                                          context_length=config.context_length, seed=seed,
+                                          epoch_length=epoch_length))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=config.read_buffer_size))
+    ds = SkipBadRecords(ds, config.max_bad_fraction, config.bad_check_after)
+    ds = ds.batch(config.batch_size, drop_remainder=True)
+    return _finish(ds, config)
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, **kwargs) -> grain.DatasetIterator:
+    """An iterator over training batches; arguments as `make_train_dataset`. Checkpoint it with get/set_state."""
+    return iter(make_train_dataset(config, **kwargs))
+
+
+def make_eval_dataset(config: ml_collections.ConfigDict, *, split: str | None = None, data_dir: str | None = None,
+                      process_index: int | None = None, process_count: int | None = None,
+                      source: Sequence[dict] | None = None) -> grain.IterDataset:
+    """The eval `grain.IterDataset` of this process: each record of its shard once, the last batch padded."""
+    process_index, process_count = _process(process_index, process_count)
+    split = split or config.eval_split
+    if source is None:
+        source = open_source(config.dataset, split, data_dir or config.data_dir)
+    record_indices = np.arange(len(source))[process_index::process_count]
+    batches = num_eval_batches(config, len(source), process_count)
+    transform = EvalTransform(source=source, record_indices=record_indices, image_size=config.image_size,
+                              max_regions=config.eval_max_regions, num_captions=config.eval_captions,
+                              context_length=config.context_length, split_name=f"{config.dataset}:{split}")
+    ds = grain.MapDataset.range(batches * config.eval_batch_size).map(transform)
+    ds = ds.batch(config.eval_batch_size, drop_remainder=True)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=max(1, config.read_buffer_size
+                                                                       // config.eval_batch_size)))
+    return _finish(ds, config)
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, **kwargs) -> grain.DatasetIterator:
+    """An iterator over eval batches; arguments as `make_eval_dataset`."""
+    return iter(make_eval_dataset(config, **kwargs))
+
+
+def num_eval_batches(config: ml_collections.ConfigDict, num_records: int, process_count: int) -> int:
+    """Batches every process yields for an eval split of `num_records` records (sized by the largest shard, so
+    all processes run the same number of eval steps)."""
+    return math.ceil(math.ceil(num_records / process_count) / config.eval_batch_size)
