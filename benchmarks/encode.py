@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--variant", default="ViT-B/16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", help="our compute dtype (the reference runs float32)")
+    parser.add_argument("--dtype", default="float32",
+                        help="compute dtype of both sides (PyTorch: autocast for bfloat16)")
     parser.add_argument("--no_reference", action="store_true", help="skip PyTorch (e.g. on a GPU box without it)")
     args = parser.parse_args()
 
@@ -55,14 +56,20 @@ def main() -> None:
         from harmoclip_jax.testing import reference
 
         ref_model = reference.hf_clip_model(args.variant, seed=0)
-        pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        ref_model = ref_model.to(device)
+        pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
         def run_reference():
-            with torch.no_grad():
-                return ref_model.get_image_features(pixel_values=pixels)
+            with torch.no_grad(), autocast:
+                out = ref_model.get_image_features(pixel_values=pixels)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
 
         ref_seconds = _time(run_reference, args.iters)
-        params = convert.state_dict_to_params({k: v.numpy() for k, v in ref_model.state_dict().items()},
+        params = convert.state_dict_to_params({k: v.cpu().numpy() for k, v in ref_model.state_dict().items()},
                                               get_config(args.variant), "hf")
         model = convert.model_from_params(config, params)
     else:
@@ -84,7 +91,7 @@ def main() -> None:
         "unit": "images/s",
         "ours": round(ours, 3),
         "reference": round(ref, 3) if ref else None,
-        "reference_name": "transformers CLIPModel.get_image_features (PyTorch, float32, no_grad)" if ref else None,
+        "reference_name": f"transformers CLIPModel.get_image_features (PyTorch {torch.__version__}, no_grad)" if ref else None,
         "speedup": round(ours / ref, 3) if ref else None,
     }))
 
