@@ -176,7 +176,8 @@ def roi_align(
         default float32 matmul is reduced precision).
 
     Returns:
-      (B, T, out_h, out_w, C) pooled features in the dtype of ``features`` (accumulated in float32).
+      (B, T, out_h, out_w, C) pooled features in the dtype of ``features`` (accumulated in float32;
+      for bfloat16 features the interpolation weights are rounded to bfloat16 too).
       Zero-area boxes and boxes entirely outside the map give zeros, as in torchvision.
     """
     features = jnp.asarray(features)
