@@ -1,0 +1,405 @@
+"""HarmoCLIP loss family vs NumPy references, masking, duplicates, config API, and global-batch sharding."""
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from harmoclip_jax import losses as L
+
+B, T, E, K, V = 8, 3, 5, 16, 7
+
+
+# ---------------------------------------------------------------- numpy references (plain loops)
+
+
+def np_normalize(x):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def np_row_nce(logits, row_valid, allowed, positive):
+    """mean over valid rows of -log(sum_{allowed positives} e^l / sum_{allowed} e^l)."""
+    losses = []
+    for i in range(logits.shape[0]):
+        if not row_valid[i]:
+            continue
+        cols = [j for j in range(logits.shape[1]) if allowed[i, j]]
+        pos = [j for j in cols if positive[i, j]]
+        if not pos:
+            continue
+        num = sum(math.exp(logits[i, j]) for j in pos)
+        den = sum(math.exp(logits[i, j]) for j in cols)
+        losses.append(-math.log(num / den))
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def np_symmetric_nce(q, k, scale, valid, positive=None, negative=None):
+    n = q.shape[0]
+    logits = scale * np_normalize(q) @ np_normalize(k).T
+    eye = np.eye(n, dtype=bool)
+    positive = eye if positive is None else (positive | eye)
+    allowed = np.ones((n, n), bool) if negative is None else (negative | positive)
+    return 0.5 * (
+        np_row_nce(logits, valid, allowed & valid[None, :], positive)
+        + np_row_nce(logits.T, valid, allowed.T & valid[None, :], positive.T)
+    )
+
+
+def np_cos_distill(r, t, mask):
+    cos = np.sum(np_normalize(r) * np_normalize(t), axis=-1)
+    return float(np.sum((1 - cos) * mask) / max(mask.sum(), 1))
+
+
+def np_concept(region, concept, teacher, mask, log_scale, temperature, threshold):
+    tl = np_normalize(teacher) @ np_normalize(concept).T / temperature
+    probs = np.exp(tl - tl.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    total, count = 0.0, 0
+    for b in range(region.shape[0]):
+        for t in range(region.shape[1]):
+            if not mask[b, t] or probs[b, t].max() <= threshold:
+                continue
+            label = int(np.argmax(probs[b, t]))
+            z = math.exp(log_scale) * np_normalize(region[b, t]) @ np_normalize(concept).T
+            y = np.zeros(len(z))
+            y[label] = 1
+            total += sum(-(y[c] * math.log(1 / (1 + math.exp(-z[c]))) + (1 - y[c]) * math.log(1 - 1 / (1 + math.exp(-z[c])))) for c in range(len(z)))
+            count += 1
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def make_inputs(seed=0, b=B):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    box_mask = rng.random((b, T)) < 0.7
+    box_mask[0] = False  # an image without regions
+    box_mask[1] = True
+    lexeme_id = rng.integers(0, 4, size=(b, T)).astype(np.int32)  # few ids: many duplicates
+    teacher_region = f(b, T, E)
+    concept = f(K, E)
+    # Make some teacher regions confidently match a concept so pseudo labels are kept and dropped.
+    teacher_region[::2, 0] = concept[1] * 3
+    teacher_region[1::2, 1] = 0.0  # cosine 0 to every concept: uniform 1/K < threshold, dropped
+    outputs = dict(
+        image_embed=f(b, E),
+        text_embed=f(b, E),
+        region_embed=f(b, T, E),
+        region_text_embed=f(b, T, E),
+        lexeme_embed=f(b, T, E),
+        crop_embed=f(b, T, E),
+        teacher_crop_embed=f(b, T, E),
+        teacher_region_embed=teacher_region,
+        concept_embed=concept,
+        lexeme_vocab_embed=f(V, E),
+        logit_scale=np.float32(math.log(4.0)),
+    )
+    batch = dict(box_mask=box_mask, lexeme_id=lexeme_id)
+    return outputs, batch
+
+
+# ---------------------------------------------------------------- GC
+
+
+def _open_clip_loss_module():
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.fail("open_clip_torch 3.3.0 must be installed (requirements-dev.txt)")
+    path = os.path.join(spec.submodule_search_locations[0], "loss.py")
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss_reference", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # loss.py imports only torch, not torchvision
+    return module
+
+
+def test_gc_equals_open_clip_clip_loss():
+    torch = pytest.importorskip("torch")
+    outputs, _ = make_inputs(1)
+    clip_loss = _open_clip_loss_module().ClipLoss()
+    img, txt = np_normalize(outputs["image_embed"]), np_normalize(outputs["text_embed"])
+    expected = clip_loss(torch.tensor(img), torch.tensor(txt), torch.tensor(math.exp(outputs["logit_scale"]))).item()
+    got = L.global_contrastive_loss(outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"])
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_gc_hand_checked():
+    eye = np.eye(2, dtype=np.float32)
+    # logits = identity: each row's CE is -log(e / (e + 1)) = log(1 + 1/e)
+    np.testing.assert_allclose(float(L.global_contrastive_loss(eye, eye * 3, 0.0)), math.log(1 + math.exp(-1)), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- LRC
+
+
+def test_lrc_duplicates_are_positives():
+    outputs, batch = make_inputs(2)
+    mask, ids = batch["box_mask"].reshape(-1), batch["lexeme_id"].reshape(-1)
+    same = ids[:, None] == ids[None, :]
+    assert (same & ~np.eye(len(ids), dtype=bool) & mask[:, None] & mask[None, :]).any()  # the test has duplicates
+    args = (outputs["region_embed"], outputs["lexeme_embed"], batch["box_mask"], batch["lexeme_id"], outputs["logit_scale"])
+    q, k = outputs["region_embed"].reshape(-1, E), outputs["lexeme_embed"].reshape(-1, E)
+    scale = math.exp(outputs["logit_scale"])
+    expected_pos = np_symmetric_nce(q, k, scale, mask, positive=same)
+    expected_mask = np_symmetric_nce(q, k, scale, mask, negative=~same)
+    plain = np_symmetric_nce(q, k, scale, mask)
+    np.testing.assert_allclose(float(L.lexeme_region_contrastive_loss(*args)), expected_pos, rtol=1e-5)
+    np.testing.assert_allclose(float(L.lexeme_region_contrastive_loss(*args, duplicates="mask")), expected_mask, rtol=1e-5)
+    assert abs(expected_pos - plain) > 1e-3 and abs(expected_mask - plain) > 1e-3
+
+
+def test_lrc_hand_checked_duplicate_pair():
+    # Two regions, both "dog" (same id), lexeme embeddings identical: with duplicates as positives
+    # each row's positives cover the whole softmax, so the loss is exactly 0.
+    regions = np.array([[[1.0, 0.0], [0.6, 0.8]]], np.float32)
+    lexemes = np.array([[[1.0, 0.0], [1.0, 0.0]]], np.float32)
+    mask, ids = np.ones((1, 2), bool), np.zeros((1, 2), np.int32)
+    assert float(L.lexeme_region_contrastive_loss(regions, lexemes, mask, ids, 0.0)) == pytest.approx(0.0, abs=1e-6)
+    # As distinct lexemes (ids 0, 1) it is ordinary InfoNCE: rows regions->lexemes, logits [[1,1],[.6,.6]]
+    # -> each row log 2; lexemes->regions logits [[1,.6],[1,.6]] -> row 0: log(1+e^-.4), row 1: log(1+e^.4)
+    distinct = float(L.lexeme_region_contrastive_loss(regions, lexemes, mask, np.array([[0, 1]], np.int32), 0.0))
+    expected = 0.5 * (math.log(2) + 0.5 * (math.log(1 + math.exp(-0.4)) + math.log(1 + math.exp(0.4))))
+    assert distinct == pytest.approx(expected, rel=1e-6)
+
+
+def test_lrc_vocab_negatives():
+    outputs, batch = make_inputs(3)
+    batch["lexeme_id"] = batch["lexeme_id"] % V
+    regions = np_normalize(outputs["region_embed"].reshape(-1, E))
+    logits = math.exp(outputs["logit_scale"]) * regions @ np_normalize(outputs["lexeme_vocab_embed"]).T
+    target = batch["lexeme_id"].reshape(-1)[:, None] == np.arange(V)[None, :]
+    expected = np_row_nce(logits, batch["box_mask"].reshape(-1), np.ones_like(target), target)
+    got = L.lexeme_vocab_contrastive_loss(
+        outputs["region_embed"], outputs["lexeme_vocab_embed"], batch["box_mask"], batch["lexeme_id"], outputs["logit_scale"]
+    )
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- GR variants, SD, concept
+
+
+def test_gr_a_is_region_caption_infonce():
+    outputs, batch = make_inputs(4)
+    mask = batch["box_mask"].reshape(-1)
+    expected = np_symmetric_nce(
+        outputs["region_embed"].reshape(-1, E), outputs["region_text_embed"].reshape(-1, E), math.exp(outputs["logit_scale"]), mask
+    )
+    got = L.region_caption_loss(outputs["region_embed"], outputs["region_text_embed"], batch["box_mask"], outputs["logit_scale"])
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_gr_b_pooled_regions_vs_caption():
+    outputs, batch = make_inputs(5)
+    mask = batch["box_mask"]
+    pooled = np.stack(
+        [np_normalize(outputs["region_embed"][b])[mask[b]].mean(0) if mask[b].any() else np.zeros(E) for b in range(B)]
+    )
+    expected = np_symmetric_nce(pooled, outputs["text_embed"], math.exp(outputs["logit_scale"]), mask.any(1))
+    got = L.pooled_region_global_loss(outputs["region_embed"], outputs["text_embed"], mask, outputs["logit_scale"])
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_gr_c_and_sd_cosine_hand_checked_and_stop_gradient():
+    region = np.array([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]], np.float32)
+    crop = np.array([[[0.0, 1.0], [0.0, 1.0], [-1.0, -1.0]]], np.float32)
+    mask = np.array([[True, True, False]])
+    # 1 - cos: 1 and 0 on the valid boxes; the padded third box (cos -1) is ignored
+    assert float(L.cosine_distillation_loss(region, crop, mask)) == pytest.approx(0.5, abs=1e-6)
+    grad_sg = jax.grad(lambda c: L.cosine_distillation_loss(region, c, mask, stop_gradient=True))(crop)
+    grad_live = jax.grad(lambda c: L.cosine_distillation_loss(region, c, mask, stop_gradient=False))(crop)
+    assert not np.asarray(grad_sg).any() and np.asarray(grad_live).any()
+    outputs, batch = make_inputs(6)
+    expected = np_cos_distill(outputs["region_embed"], outputs["crop_embed"], batch["box_mask"])
+    got = L.cosine_distillation_loss(outputs["region_embed"], outputs["crop_embed"], batch["box_mask"])
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_concept_loss_and_pseudo_labels():
+    outputs, batch = make_inputs(7)
+    labels, keep = L.concept_pseudo_labels(outputs["teacher_region_embed"], outputs["concept_embed"], batch["box_mask"])
+    keep = np.asarray(keep)
+    assert keep.any() and (batch["box_mask"] & ~keep).any()  # some regions kept, some valid ones dropped
+    assert (np.asarray(labels)[::2, 0][keep[::2, 0]] == 1).all()
+    args = (outputs["region_embed"], outputs["concept_embed"], outputs["teacher_region_embed"], batch["box_mask"], outputs["logit_scale"])
+    expected = np_concept(*args, 0.01, 0.1)
+    np.testing.assert_allclose(float(L.concept_loss(*args)), expected, rtol=1e-5)
+    # the scale is detached: no gradient to logit_scale
+    g = jax.grad(lambda s: L.concept_loss(*args[:4], s))(outputs["logit_scale"])
+    assert float(g) == 0.0
+
+
+# ---------------------------------------------------------------- masking
+
+
+ALL_VARIANT_CONFIGS = [
+    ("harmoclip", {}),
+    ("harmoclip", {"gr_variant": "b"}),
+    ("harmoclip", {"gr_variant": "c"}),
+    ("harmoclip", {"lrc_negatives": "vocab"}),
+    ("harmoclip", {"lrc_duplicates": "mask"}),
+    ("fineclip", {}),
+    ("clipself", {}),
+    ("regionclip", {"concept_teacher": "crop", "weights.gc": 1.0}),
+]
+
+
+def _config(method, overrides):
+    config = L.default_loss_config(method)
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def _select(outputs, config):
+    needed = L.required_outputs(config)
+    return {k: v for k, v in outputs.items() if k in needed}
+
+
+@pytest.mark.parametrize("method,overrides", ALL_VARIANT_CONFIGS)
+def test_padded_regions_change_nothing(method, overrides):
+    config = _config(method, overrides)
+    outputs, batch = make_inputs(8)
+    batch["lexeme_id"] = batch["lexeme_id"] % V
+    outputs = _select(outputs, config)
+    pad = ~batch["box_mask"]
+    garbage_outputs = dict(outputs)
+    rng = np.random.default_rng(99)
+    for key, value in outputs.items():
+        if value.ndim == 3:  # (B, T, E): overwrite padded slots with large random garbage
+            garbage_outputs[key] = np.where(pad[..., None], 50 * rng.normal(size=value.shape), value).astype(np.float32)
+    garbage_batch = dict(batch, lexeme_id=np.where(pad, rng.integers(0, V, pad.shape), batch["lexeme_id"]).astype(np.int32))
+
+    @jax.jit
+    def loss_and_grad(o, b):
+        return jax.value_and_grad(lambda o: L.total_loss(config, o, b)[0])(o)
+
+    value, grads = loss_and_grad(outputs, batch)
+    value_g, grads_g = loss_and_grad(garbage_outputs, garbage_batch)
+    assert np.isfinite(float(value))
+    np.testing.assert_allclose(float(value_g), float(value), rtol=1e-5)
+    for key in outputs:
+        g, gg = np.asarray(grads[key]), np.asarray(grads_g[key])
+        np.testing.assert_allclose(gg, g, atol=1e-6, err_msg=key)
+        if g.ndim == 3:
+            assert not g[pad].any(), f"padded {key} slots received gradient"
+
+
+def test_no_valid_regions_gives_zero_not_nan():
+    outputs, batch = make_inputs(9)
+    batch["box_mask"][:] = False
+    config = _config("harmoclip", {})
+    value, terms = jax.jit(lambda o, b: L.total_loss(config, o, b))(_select(outputs, config), batch)
+    assert float(terms["lrc"]) == 0.0 and float(terms["gr"]) == 0.0 and np.isfinite(float(value))
+    grads = jax.jit(jax.grad(lambda o: L.total_loss(config, o, batch)[0]))(_select(outputs, config))
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
+
+
+# ---------------------------------------------------------------- total_loss and config API
+
+
+def test_total_loss_terms_and_weights():
+    outputs, batch = make_inputs(10)
+    config = _config("harmoclip", {})
+    config.weights.update(gc=1.0, lrc=0.5, gr=2.0)
+    total, terms = L.total_loss(config, _select(outputs, config), batch)
+    assert set(terms) == {"gc", "lrc", "gr", "total"}
+    np.testing.assert_allclose(float(terms["gc"]), float(L.global_contrastive_loss(outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"])), rtol=1e-6)
+    np.testing.assert_allclose(float(total), float(terms["gc"] + 0.5 * terms["lrc"] + 2.0 * terms["gr"]), rtol=1e-6)
+    assert float(terms["total"]) == float(total)
+
+
+def test_presets_and_required_outputs():
+    expect = {
+        "harmoclip": {"image_embed", "text_embed", "region_embed", "lexeme_embed", "region_text_embed", "logit_scale"},
+        "clip": {"image_embed", "text_embed", "logit_scale"},
+        "fineclip": {"image_embed", "text_embed", "region_embed", "crop_embed", "region_text_embed", "logit_scale"},
+        "clipself": {"region_embed", "teacher_crop_embed"},
+        "regionclip": {"region_embed", "concept_embed", "teacher_region_embed", "logit_scale"},
+    }
+    for method, keys in expect.items():
+        assert L.required_outputs(L.default_loss_config(method)) == keys, method
+    fine = L.default_loss_config("fineclip")
+    assert fine.sd_stop_grad is False and fine.sd_target == "student"
+    assert L.default_loss_config("clipself").sd_stop_grad is True
+    assert L.required_batch_keys(L.default_loss_config("harmoclip")) == {"box_mask", "lexeme_id"}
+    assert L.required_batch_keys(L.default_loss_config("clip")) == set()
+    vocab = _config("harmoclip", {"lrc_negatives": "vocab", "gr_variant": "c"})
+    assert L.required_outputs(vocab) == {"image_embed", "text_embed", "region_embed", "lexeme_vocab_embed", "crop_embed", "logit_scale"}
+
+
+def test_fineclip_sd_gradient_reaches_crops_and_clipself_does_not():
+    outputs, batch = make_inputs(11)
+    for method, key, flows in [("fineclip", "crop_embed", True), ("clipself", "teacher_crop_embed", False)]:
+        config = L.default_loss_config(method)
+        grads = jax.grad(lambda o: L.total_loss(config, o, batch)[0])(_select(outputs, config))
+        assert bool(np.asarray(grads[key]).any()) == flows, method
+
+
+def test_bad_config_and_missing_outputs_raise():
+    with pytest.raises(ValueError, match="unknown loss method 'siglip'"):
+        L.default_loss_config("siglip")
+    for field, value in [("gr_variant", "d"), ("lrc_negatives", "global"), ("lrc_duplicates", "drop"), ("sd_target", "x")]:
+        config = L.default_loss_config("harmoclip")
+        config[field] = value
+        with pytest.raises(ValueError, match=field):
+            L.required_outputs(config)
+    config = L.default_loss_config("harmoclip")
+    outputs, batch = make_inputs(12)
+    del outputs["lexeme_embed"]
+    with pytest.raises(KeyError, match="lexeme_embed"):
+        L.total_loss(config, outputs, batch)
+
+
+# ---------------------------------------------------------------- sharding: the global batch
+
+
+@pytest.mark.parametrize("method,overrides", ALL_VARIANT_CONFIGS)
+def test_sharded_batch_equals_single_device(method, overrides):
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+    config = _config(method, overrides)
+    outputs, batch = make_inputs(13, b=16)
+    batch["lexeme_id"] = batch["lexeme_id"] % V
+    outputs = _select(outputs, config)
+
+    def loss_fn(o, b):
+        total, terms = L.total_loss(config, o, b)
+        return total, terms
+
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    (ref_total, ref_terms), ref_grads = jax.jit(value_and_grad)(
+        jax.device_put(outputs, jax.devices()[0]), jax.device_put(batch, jax.devices()[0])
+    )
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    unbatched = {"concept_embed", "lexeme_vocab_embed", "logit_scale"}  # vocabularies and the scale
+    sharded_outputs = {k: jax.device_put(v, replicated if k in unbatched else data) for k, v in outputs.items()}
+    sharded_batch = {k: jax.device_put(v, data) for k, v in batch.items()}
+    if "region_embed" in sharded_outputs:
+        assert len(sharded_outputs["region_embed"].sharding.device_set) == 8
+    (total, terms), grads = jax.jit(value_and_grad)(sharded_outputs, sharded_batch)
+    np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-5, atol=1e-6)
+    for name in ref_terms:
+        np.testing.assert_allclose(float(terms[name]), float(ref_terms[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+    for key in ref_grads:
+        np.testing.assert_allclose(np.asarray(grads[key]), np.asarray(ref_grads[key]), atol=1e-5, err_msg=key)
+
+
+def test_sharded_loss_is_global_not_per_shard_mean():
+    """Guards the test above: a per-device (local negatives) loss would differ from the global one."""
+    outputs, batch = make_inputs(14, b=16)
+    config = L.default_loss_config("harmoclip")
+    outputs = _select(outputs, config)
+    loss = jax.jit(lambda o, b: L.total_loss(config, o, b)[0])
+    global_value = float(loss(outputs, batch))
+    shards = [
+        float(loss({k: (v[2 * i : 2 * i + 2] if np.ndim(v) else v) for k, v in outputs.items()},
+                   {k: v[2 * i : 2 * i + 2] for k, v in batch.items()}))
+        for i in range(8)
+    ]
+    assert abs(np.mean(shards) - global_value) > 1e-2
