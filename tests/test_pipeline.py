@@ -232,8 +232,14 @@ class CorruptScenes(tfds.core.GeneratorBasedBuilder):
 def corrupt_source(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("corrupt"))
     CorruptScenes(data_dir=directory, file_format="array_record").download_and_prepare()
-    return tfds.data_source("corrupt_scenes", split="train", data_dir=directory,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+    return pipeline.open_source("corrupt_scenes", "train", directory)  # a prepared (not generated) dataset
+
+
+def test_unprepared_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not prepared .* harmoclip_jax.data.prepare"):
+        pipeline.open_source("coco_retrieval", "val", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="unknown dataset 'no_such_set'"):
+        pipeline.open_source("no_such_set", "val", str(tmp_path))
 
 
 def test_train_repairs_or_skips_bad_records_and_counts_them(corrupt_source, config, caplog):
@@ -306,3 +312,18 @@ def test_two_workers_produce_valid_batches_and_resume(data_dir, config):
         _assert_batches_equal(_take(restored, 2), expected)
     finally:
         restored.close()
+
+
+def test_iterator_state_round_trips_through_an_orbax_checkpoint(data_dir, config, tmp_path):
+    import orbax.checkpoint as ocp
+
+    kwargs = dict(data_dir=data_dir, seed=4, process_index=0, process_count=1)
+    original = pipeline.make_train_iterator(config, **kwargs)
+    _take(original, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(original)))
+        manager.wait_until_finished()
+        expected = _take(original, 2)
+        restored = pipeline.make_train_iterator(config, **kwargs)
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_batches_equal(_take(restored, 2), expected)

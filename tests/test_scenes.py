@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from harmoclip_jax.data import scenes
@@ -162,3 +161,11 @@ def test_captions_fit_clip_context():
     captions += [o.region_caption for i in range(50) for o in scenes.generate_example(0, "val", i, 64).objects]
     lengths = (tokenize(captions) != 0).sum(1)
     assert lengths.max() < 77  # never truncated (a cut caption would fill all 77 positions)
+
+
+def test_prepare_cli_builds_scenes_without_manual_dir(tmp_path):
+    from harmoclip_jax.data.prepare import prepare
+
+    builder = prepare("scenes", data_dir=str(tmp_path), config="tiny")
+    assert {name: info.num_examples for name, info in builder.info.splits.items()} == \
+        {"train": 96, "val": 72, "test": 72}

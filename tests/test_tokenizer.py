@@ -247,7 +247,7 @@ def test_runtime_needs_no_torch_open_clip_or_transformers(tmp_path):
         print("ok")
         """
     )
-    env = {**os.environ, "PYTHONPATH": repo_root}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -24,10 +24,10 @@ The iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` (JSON-
 `grain.checkpoint.CheckpointSave(it)` put them into checkpoints, and a restored iterator continues with exactly
 the batches the original would have produced. Call `close()` when done (multiprocess workers).
 
-Bad records: train repairs what it can (drops broken boxes, empty captions, clips boxes that stick out of the
-image) and skips what it cannot (undecodable image, no usable caption), logs each, and raises `BadRecordsError`
-once more than `max_bad_fraction` of the records read (after `bad_check_after` records) were bad. Eval raises
-`BadRecordError` naming the record at the first problem.
+Bad records: train repairs what it can (drops boxes that are non-finite, outside the image beyond float rounding or
+of zero area, and empty captions) and skips what it cannot (undecodable image, no usable caption), logs each, and
+raises `BadRecordsError` once more than `max_bad_fraction` of the records read (after `bad_check_after` records)
+were bad. Eval raises `BadRecordError` naming the record at the first problem.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import hashlib
 import io
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grain
 import ml_collections
@@ -314,11 +314,6 @@ class _SkipBadRecordsIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self._seen, self._bad = int(state["seen"]), int(state["bad"])
 
-    @property
-    def counts(self) -> dict[str, int]:
-        """Records read and bad records (repaired or skipped) so far, in this process or worker."""
-        return {"seen": self._seen, "bad": self._bad}
-
 
 class SkipBadRecords(grain.IterDataset):
     """IterDataset wrapper of `_SkipBadRecordsIterator` (see there)."""
@@ -404,14 +399,24 @@ class EvalTransform:
 def open_source(dataset: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
     """Random-access TFDS source of `dataset` ("name[/config]") with images left encoded (decoded by us).
 
-    The scenes dataset is generated into `data_dir` on first use; other datasets must have been prepared.
+    The scenes dataset is generated into `data_dir` on first use; the real datasets (COCO, Flickr30k) must have
+    been prepared with `python -m harmoclip_jax.data.prepare` (docs/datasets.md).
     """
     import tensorflow_datasets as tfds
 
-    if dataset.split("/")[0] == "scenes":
-        from harmoclip_jax.data import scenes  # noqa: F401  (registers the builder)
-    return tfds.data_source(dataset, split=split, data_dir=data_dir,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+    from harmoclip_jax.data import coco, flickr, scenes  # noqa: F401  (importing registers the builders)
+
+    hint = (f"build it with `python -m harmoclip_jax.data.prepare` (docs/datasets.md) or point config.data_dir at "
+            f"it (data_dir={data_dir!r}; None means the TFDS default, $TFDS_DATA_DIR)")
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise FileNotFoundError(f"unknown dataset {dataset!r}: {hint}") from error
+    if not builder.is_prepared():
+        if dataset.split("/")[0] != "scenes":
+            raise FileNotFoundError(f"dataset {dataset!r} is not prepared under {builder.data_dir}: {hint}")
+        builder.download_and_prepare()  # generated procedurally; nothing is downloaded
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:

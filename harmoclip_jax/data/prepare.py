@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from harmoclip_jax.data.coco import CocoPanopticBoxes, CocoRegionCaptions, CocoRetrieval
 from harmoclip_jax.data.flickr import Flickr30kRetrieval
+from harmoclip_jax.data.scenes import Scenes
 
 # CLI name -> TFDS builder class. Builders with MANUAL_DOWNLOAD_INSTRUCTIONS need --manual_dir.
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
@@ -27,6 +28,7 @@ DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "coco_panoptic": CocoPanopticBoxes,
     "coco_retrieval": CocoRetrieval,
     "flickr30k_retrieval": Flickr30kRetrieval,
+    "scenes": Scenes,  # generated, needs no manual_dir
 }
 
 

@@ -54,7 +54,7 @@ class CLIPConfig:
     remat: bool = False  # rematerialise transformer blocks in the backward pass
     layer_norm_eps: float = 1e-5
     logit_scale_init: float = math.log(1 / 0.07)
-    attention_impl: str | None = None  # None/"xla"/"cudnn", passed to jax.nn.dot_product_attention
+    attention_impl: str | None = "auto"  # "auto" (cuDNN for bf16/fp16 on GPU), None/"xla" or "cudnn"
     activation: str = "quick_gelu"  # OpenAI weights; LAION/open_clip non-quickgelu models use "gelu" (erf)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,5 +139,5 @@ def validate(config: CLIPConfig) -> None:
             raise ValueError(f"{name}={getattr(config, name)!r}; use 'float32', 'bfloat16' or 'float16'")
     if config.activation not in ("quick_gelu", "gelu"):
         raise ValueError(f"activation={config.activation!r}; use 'quick_gelu' (OpenAI CLIP) or 'gelu'")
-    if config.attention_impl not in (None, "xla", "cudnn"):
-        raise ValueError(f"attention_impl={config.attention_impl!r}; use None, 'xla' or 'cudnn'")
+    if config.attention_impl not in ("auto", None, "xla", "cudnn"):
+        raise ValueError(f"attention_impl={config.attention_impl!r}; use 'auto', None, 'xla' or 'cudnn'")

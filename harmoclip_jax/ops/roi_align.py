@@ -126,17 +126,20 @@ def _roi_align_chunk(features, boxes, output_size, spatial_scale, sampling_ratio
     weights_y = _axis_weights(start_y, roi_h, out_h, height, sampling_ratio, max_samples[0])  # (B,T,oh,H)
     weights_x = _axis_weights(start_x, roi_w, out_w, width, sampling_ratio, max_samples[1])  # (B,T,ow,W)
     # The outer product of the two 1-D matrices is each bin's full weight map over the grid; one
-    # batched matmul (T*oh*ow, H*W) x (H*W, C) then pools every box. Measured faster on CPU than
-    # contracting one axis at a time (benchmarks/RESULTS.md), and its transpose is the backward pass.
+    # batched matmul (T*oh*ow, H*W) x (H*W, C) then pools every box, and its transpose is the
+    # backward pass. Measured on CPU (benchmarks/RESULTS.md): faster than contracting one axis at a
+    # time, and flattening (H, W) into one contraction axis halves the backward (no layout copy).
+    batch, num_boxes = boxes.shape[:2]
     weights = weights_y[:, :, :, None, :, None] * weights_x[:, :, None, :, None, :]  # (B,T,oh,ow,H,W)
+    weights = weights.reshape(batch, num_boxes * out_h * out_w, height * width)
     pooled = jnp.einsum(
-        "btpqhw,bhwc->btpqc",
+        "bnk,bkc->bnc",
         weights.astype(features.dtype),
-        features,
+        features.reshape(batch, height * width, -1),
         precision=precision,
         preferred_element_type=jnp.float32,
     )
-    return pooled.astype(features.dtype)
+    return pooled.reshape(batch, num_boxes, out_h, out_w, -1).astype(features.dtype)
 
 
 def roi_align(
@@ -173,7 +176,8 @@ def roi_align(
         default float32 matmul is reduced precision).
 
     Returns:
-      (B, T, out_h, out_w, C) pooled features in the dtype of ``features`` (accumulated in float32).
+      (B, T, out_h, out_w, C) pooled features in the dtype of ``features`` (accumulated in float32;
+      for bfloat16 features the interpolation weights are rounded to bfloat16 too).
       Zero-area boxes and boxes entirely outside the map give zeros, as in torchvision.
     """
     features = jnp.asarray(features)
