@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from harmoclip_jax import checkpoint as ckpt_lib
-from harmoclip_jax import config_lib, evaluators, losses, optim, sharding
+from harmoclip_jax import config_lib, distributed, evaluators, losses, optim, sharding
 from harmoclip_jax.metrics_writer import MetricsWriter
 from harmoclip_jax.models.clip import CLIP, abstract_model
 from harmoclip_jax.models.variants import CLIPConfig, get_config
@@ -501,6 +501,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     from harmoclip_jax.data import pipeline
 
     evaluators.common.register_datasets(data_config.dataset)
+    if jax.process_count() > 1:  # one process generates/opens every dataset first; none is written twice
+        if is_main:
+            pipeline.open_source(data_config.dataset, data_config.train_split, data_config.data_dir)
+            for ev in config.evals.values():
+                dataset = ev.get("dataset", data_config.dataset)
+                evaluators.common.register_datasets(dataset)
+                pipeline.open_source(dataset, ev.get("split", data_config.eval_split), data_config.data_dir)
+        distributed.barrier(f"datasets_ready:{workdir}")
     train_iter = pipeline.make_train_iterator(data_config)
     checkpointer = ckpt_lib.TrainCheckpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                               async_save=config.checkpoint.async_save)
@@ -538,6 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
         progress = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
     last_log_time, last_log_step = time.perf_counter(), step
+    distributed.barrier(f"train_start:{workdir}:{step}")  # processes enter the first collective together
     try:
         with jax.set_mesh(trainer.mesh), _StopRequest() as stop:
             while step < total:
