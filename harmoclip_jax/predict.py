@@ -143,7 +143,19 @@ def main(argv) -> None:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(json.dumps(report, indent=2))
+    print(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    """JSON with one line per top-level entry and per region (valid JSON, readable in a terminal)."""
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            inner = ",\n    ".join(json.dumps(item) for item in value)
+            lines.append(f"  {json.dumps(key)}: [\n    {inner}\n  ]")
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}"
 
 
 if __name__ == "__main__":

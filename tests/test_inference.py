@@ -307,7 +307,7 @@ def test_predict_cli_scene_export_then_json_and_png(workdir, tmp_path):
 
 def test_predict_cli_scene_shortcut_and_errors(workdir, tmp_path):
     report = json.loads(_run("-m", "harmoclip_jax.predict", "--checkpoint", str(workdir / "params"), "--scene",
-                             "test:0", "--out", "scene.png", cwd=tmp_path).stdout)
+                             "test:0", "--show", "2", "--out", "scene.png", cwd=tmp_path).stdout)
     assert len(report["labels"]) == 36 and (tmp_path / "scene.png").exists()
     assert all("ground_truth" in region for region in report["regions"])
     bad = _run("-m", "harmoclip_jax.predict", "--checkpoint", str(workdir), "--image", str(tmp_path / "scene.png"),
