@@ -645,7 +645,7 @@ def draw_regions(image: ImageInput, result: RegionClassification, *, min_side: i
     if scale > 1:
         picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.BICUBIC)
     draw = ImageDraw.Draw(picture)
-    font_size = max(12, round(max(picture.size) / 32))
+    font_size = max(12, round(max(picture.size) / 26))
     font = ImageFont.load_default(size=font_size)
     line = max(2, round(font_size / 6))
     for t, prediction in enumerate(result.top_k):

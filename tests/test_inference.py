@@ -2,6 +2,8 @@
 import json
 import os
 import pathlib
+import re
+import shlex
 import subprocess
 import sys
 
@@ -276,33 +278,61 @@ def test_bad_images_labels_and_checkpoints(predictor, tmp_path):
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
-def test_predict_cli_scene_export_then_json_and_png(workdir, tmp_path):
-    # Step 1 of docs/inference.md: write a Scenes test image and print its boxes and the command to label it.
-    export = json.loads(_run("-m", "harmoclip_jax.predict", "--scene", "val:3", "--save_scene", "scene.jpg",
-                             cwd=tmp_path).stdout)
-    assert (tmp_path / "scene.jpg").exists() and export["ground_truth"] == ["red star", "green cross",
-                                                                            "orange ring", "yellow circle"]
-    boxes = parse_boxes(export["boxes"])
-    assert boxes.shape == (4, 4) and export["command"].startswith("python -m harmoclip_jax.predict --checkpoint")
-    # Step 2: label it with the trained checkpoint (the documented command, a short label list).
-    proc = _run("-m", "harmoclip_jax.predict", "--checkpoint", str(workdir), "--image", "scene.jpg",
-                "--boxes", export["boxes"], "--labels", ",".join(LABELS), "--top_k", "2", "--out", "labelled.png",
-                cwd=tmp_path)
-    report = json.loads(proc.stdout)
-    assert report["image_size"] == [128, 128] and report["labels"] == LABELS
+def _doc_blocks(language: str) -> list[str]:
+    text = (ROOT / "docs" / "inference.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def _doc_commands() -> list[list[str]]:
+    """The shell commands of docs/inference.md's walkthrough (continuation lines joined, comments dropped)."""
+    script = _doc_blocks("bash")[0].replace("\\\n", " ")
+    return [shlex.split(line) for line in script.splitlines() if line.startswith("python ")]
+
+
+def test_docs_walkthrough_gives_a_labelled_picture(workdir, tmp_path):
+    """docs/inference.md "From nothing to a labelled picture", run as written (the trained checkpoint of this module
+    stands in for workdirs/demo; step 1, training, is the fixture's smoke setting of the same command)."""
+    train, export_scene, label = _doc_commands()
+    assert train[:3] == ["python", "-m", "harmoclip_jax.main"] and "--config=configs/demo.py" in train
+    export = json.loads(_run(*export_scene[1:], cwd=tmp_path).stdout)
+    assert (tmp_path / "scene.jpg").exists()
+    assert export["ground_truth"] == ["red star", "green cross", "orange ring", "yellow circle"]
+    assert export["command"].startswith("python -m harmoclip_jax.predict --checkpoint")
+    label = [str(workdir) if arg == "workdirs/demo" else arg for arg in label]
+    boxes = parse_boxes(label[label.index("--boxes") + 1])
+    np.testing.assert_allclose(boxes, parse_boxes(export["boxes"]))  # the documented boxes are the scene's
+    labels = label[label.index("--labels") + 1].split(",")
+    report = json.loads(_run(*label[1:], cwd=tmp_path).stdout)
+    assert report["image_size"] == [128, 128] and report["labels"] == labels
     assert report["checkpoint"].endswith("training checkpoint step 4")
     assert len(report["regions"]) == 4
     for region, box in zip(report["regions"], boxes):
         np.testing.assert_allclose(region["box"], box, atol=0.01)
         scores = [t["score"] for t in region["top"]]
-        assert len(scores) == 2 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
-        assert {t["label"] for t in region["top"]} <= set(LABELS)
-    picture = Image.open(tmp_path / "labelled.png")
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+        assert {t["label"] for t in region["top"]} <= set(labels)
+    picture = Image.open(tmp_path / "scene_labelled.png")
     assert picture.size == (512, 512)  # 128 px upscaled for readable labels
     # The first box's outline is drawn in the first palette colour (#e6194b).
     x1, y1, x2, y2 = (np.array(report["regions"][0]["box"]) * 4).round().astype(int)
     pixels = np.asarray(picture.convert("RGB"))
     assert tuple(pixels[(y1 + y2) // 2, x1 + 1]) == (0xE6, 0x19, 0x4B)
+    # The Python API block of the same page, on the same files.
+    folder = tmp_path / "my_folder"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(_photo(i, 50 + 10 * i, 40)).save(folder / f"{i}.png")
+    code = _doc_blocks("python")[0].replace('"workdirs/demo"', repr(str(workdir)))
+    namespace = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "docs/inference.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "labelled.png").exists()
+    assert namespace["index"].shape == (3, 32) and namespace["texts"].shape == (2, 32)
+    assert namespace["regions"].shape == (1, 32) and len(namespace["hits"].top(0)) == 3
 
 
 def test_predict_cli_scene_shortcut_and_errors(workdir, tmp_path):
