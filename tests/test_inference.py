@@ -346,3 +346,22 @@ def test_predict_cli_scene_shortcut_and_errors(workdir, tmp_path):
     usage = _run("-m", "harmoclip_jax.predict", "--checkpoint", str(workdir), "--image", "x.jpg", cwd=tmp_path,
                  check=False)
     assert usage.returncode == 2 and "give --image and --boxes" in usage.stderr
+
+
+def test_predict_cli_open_clip_file_labels_file_templates_xywh(tmp_path):
+    from flax import nnx
+
+    from harmoclip_jax.models import convert
+    from harmoclip_jax.models.clip import CLIP
+
+    convert.save_open_clip(CLIP("test-tiny", rngs=nnx.Rngs(1)), tmp_path / "model.safetensors")
+    (tmp_path / "labels.txt").write_text("cat\n\ndog\nsofa\n")
+    Image.fromarray(_photo(4, 200, 120)).save(tmp_path / "photo.png")
+    report = json.loads(_run("-m", "harmoclip_jax.predict", "--open_clip", "model.safetensors", "--variant",
+                             "test-tiny", "--image", "photo.png", "--boxes", "10,20,50,40;0,0,200,120",
+                             "--box_format", "xywh", "--labels_file", "labels.txt", "--template", "a photo of a {}.",
+                             "--template", "{}", "--top_k", "1", cwd=tmp_path).stdout)
+    assert report["checkpoint"].startswith("open_clip state dict model.safetensors (test-tiny)")
+    assert report["labels"] == ["cat", "dog", "sofa"] and report["image_size"] == [200, 120]
+    assert [r["box"] for r in report["regions"]] == [[10, 20, 60, 60], [0, 0, 200, 120]]
+    assert all(len(r["top"]) == 1 for r in report["regions"])
