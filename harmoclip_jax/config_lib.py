@@ -187,7 +187,7 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.model.context_length = 77
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
     c.model.remat = False
-    c.model.attention_impl = placeholder(str)
+    c.model.attention_impl = "auto"  # cuDNN for bf16 on GPUs, XLA elsewhere
 
     c.init = ml_collections.ConfigDict()
     c.init.mode = "scratch"  # or "params": a converted checkpoint (python -m harmoclip_jax.convert)

@@ -39,7 +39,14 @@ def main(argv):
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(
         flags.FLAGS["config"].config_filename))[0])
-    train.train_and_evaluate(config, workdir)
+    try:
+        train.train_and_evaluate(config, workdir)
+    except (FileNotFoundError, ValueError, train.NonFiniteLossError) as error:
+        # Expected failures (missing data/weights, bad config, diverged run) deserve a message, not a traceback.
+        import sys
+
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -162,10 +162,12 @@ def test_logit_scale_is_clamped():
     assert float(state["params"]["logit_scale"]) <= np.log(100.0) + 1e-6
 
 
-@pytest.mark.parametrize("method", ["fineclip", "clipself", "regionclip"])
+@pytest.mark.parametrize("method", ["fineclip", "clipself", "regionclip", "harmoclip-bf16-remat"])
 def test_every_method_trains(method):
     mesh = _mesh(2, 1)
-    config = tiny_config(method)
+    config = tiny_config(method.split("-")[0])
+    if method.endswith("bf16-remat"):
+        config.model.dtype, config.model.remat = "bfloat16", True
     trainer = train.build_trainer(config, mesh)
     consts = {}
     if method == "regionclip":
@@ -175,6 +177,6 @@ def test_every_method_trains(method):
     with jax.set_mesh(mesh):
         state = trainer.init_state()
         state, metrics = trainer.train_step(state, sharding.put_batch(synthetic_batch(0), mesh), consts)
-    expected = {"fineclip": {"gc", "sd", "rc"}, "clipself": {"sd"}, "regionclip": {"concept"}}
+    expected = {"harmoclip-bf16-remat": {"gc", "lrc", "gr"}, "fineclip": {"gc", "sd", "rc"}, "clipself": {"sd"}, "regionclip": {"concept"}}
     assert {k.removeprefix("loss/") for k in metrics if k.startswith("loss/")} == expected[method]
     assert np.isfinite(float(metrics["loss"]))
