@@ -29,7 +29,6 @@ import pathlib
 from typing import Any, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
