@@ -9,10 +9,8 @@ from harmoclip_jax.metrics_writer import read_metrics
 
 def plot_metrics(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> pathlib.Path | None:
     """Writes the curves to `out_path`; returns it (None when there is nothing to plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): no backend switch, so plots in a notebook that trains keep working.
+    from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path) if pathlib.Path(metrics_path).exists() else []
     if not records:
@@ -29,7 +27,8 @@ def plot_metrics(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -
     panels = [("losses", loss_keys, "log"), ("eval metrics", eval_keys, "linear"),
               ("learning rate", ["learning_rate"], "linear"), ("images/s", ["images_per_s"], "linear")]
     panels = [p for p in panels if any(k in keys for k in p[1])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, names, yscale) in zip(axes[0], panels):
         for name in names:
             xs, ys = series(name)
@@ -45,5 +44,4 @@ def plot_metrics(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -
     fig.tight_layout()
     out_path = pathlib.Path(out_path)
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)
     return out_path
