@@ -6,7 +6,7 @@ Reference: a single-threaded Python loop over the same `tfds.data_source` doing 
 (TFDS's own image decoding, PIL bicubic squash, normalise, tokenize the caption/region captions/lexemes, scale the
 boxes) and `np.stack` into batches - what one writes without grain.
 
-Prints one JSON object per case (see BRIEF.md). Usage:
+Prints one JSON object per case (the format of benchmarks/RESULTS.md). Usage:
     python benchmarks/pipeline.py [--data_dir DIR] [--batches 20] [--repeats 3] [--config default]
 The scenes dataset is generated into DIR (default: the TFDS data dir) on first use (~20 s).
 """

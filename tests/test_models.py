@@ -125,3 +125,31 @@ def test_overrides_and_text_prefix():
     model = abstract_model(cfg)
     assert model.visual.positional_embedding.shape == (1 + 28 * 28, 768)
     assert math.isclose(float(CLIP("test-tiny").logit_scale[...]), math.log(1 / 0.07), rel_tol=1e-6)
+
+
+def test_layer_norm_custom_backward_matches_autodiff(rng):
+    """The hand-written LayerNorm gradient equals autodiff of the plain formula (and torch's forward)."""
+    from jax.test_util import check_grads
+
+    from harmoclip_jax.models.clip import layer_norm
+
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)) * 3 + 1, jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(16), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(16), jnp.float32)
+
+    def plain(x, scale, bias):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(var + 1e-5) * scale + bias
+
+    np.testing.assert_allclose(layer_norm(x, scale, bias, 1e-5), plain(x, scale, bias), atol=1e-5)
+    cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    ours = jax.vjp(lambda *a: layer_norm(*a, 1e-5), x, scale, bias)[1](cot)
+    want = jax.vjp(plain, x, scale, bias)[1](cot)
+    for a, b in zip(ours, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    check_grads(lambda *a: layer_norm(*a, 1e-5), (x, scale, bias), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+    torch = pytest.importorskip("torch")
+    want_torch = torch.nn.functional.layer_norm(torch.from_numpy(np.asarray(x)), (16,),
+                                                torch.from_numpy(np.asarray(scale)), torch.from_numpy(np.asarray(bias)))
+    np.testing.assert_allclose(np.asarray(layer_norm(x, scale, bias, 1e-5)), want_torch.numpy(), atol=1e-5)

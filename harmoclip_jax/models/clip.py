@@ -12,6 +12,7 @@ first L-1 blocks and the last block's qkv projection.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -63,6 +64,53 @@ def _dot_product_attention(q, k, v, *, causal: bool, impl: str | None):
     return _heads_major_attention(q, k, v, causal=causal)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis (biased variance, as torch), statistics in float32, output in x's dtype.
+
+    The hand-written backward is the point: with autodiff's LayerNorm gradient, XLA:CPU fuses the residual
+    stream's gradient chain of every layer into each weight-gradient transpose and recomputes it there (quadratic
+    in depth): 4.6 s vs 2.7 s for a ViT-B/16 forward+backward at batch 8 on a 2-core Xeon.
+    """
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    centered = x32 - x32.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(centered * centered, -1, keepdims=True) + eps)
+    xhat = centered * rstd
+    y = (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    return y, (xhat, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    xhat, rstd, scale = residuals
+    dy32 = dy.astype(jnp.float32)
+    g = dy32 * scale.astype(jnp.float32)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * jnp.mean(g * xhat, -1, keepdims=True))
+    rows = tuple(range(dy.ndim - 1))
+    return (dx.astype(dy.dtype), jnp.sum(dy32 * xhat, rows).astype(scale.dtype),
+            jnp.sum(dy32, rows).astype(scale.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with `scale`/`bias` parameters (the names of nnx.LayerNorm) and the custom backward above."""
+
+    def __init__(self, width: int, *, epsilon: float, dtype, param_dtype, rngs: nnx.Rngs | None = None):
+        del rngs  # deterministic init; the argument keeps nnx.LayerNorm's signature
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((width,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((width,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x.astype(self.dtype), self.scale[...], self.bias[...], self.epsilon)
+
+
 class MLP(nnx.Module):
     def __init__(self, width: int, hidden: int, *, layers: int, activation: str, dtype, param_dtype,
                  rngs: nnx.Rngs):
@@ -108,11 +156,11 @@ class Block(nnx.Module):
 
     def __init__(self, width: int, heads: int, mlp_dim: int, *, layers: int, eps: float, activation: str, dtype,
                  param_dtype, impl, rngs: nnx.Rngs):
-        norm = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
-        self.ln_1 = nnx.LayerNorm(width, **norm)
+        norm = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype)
+        self.ln_1 = LayerNorm(width, **norm)
         self.attn = Attention(width, heads, layers=layers, dtype=dtype, param_dtype=param_dtype, impl=impl,
                               rngs=rngs)
-        self.ln_2 = nnx.LayerNorm(width, **norm)
+        self.ln_2 = LayerNorm(width, **norm)
         self.mlp = MLP(width, mlp_dim, layers=layers, activation=activation, dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)
 
@@ -179,11 +227,11 @@ class VisionTransformer(nnx.Module):
         self.patch_embed = nnx.Param(_normal(0.02)(rngs.params(), (p, p, 3, w), param_dtype))
         self.class_embedding = nnx.Param(_normal(scale)(rngs.params(), (w,), param_dtype))
         self.positional_embedding = nnx.Param(_normal(scale)(rngs.params(), (cfg.grid_size**2 + 1, w), param_dtype))
-        norm = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
-        self.ln_pre = nnx.LayerNorm(w, **norm)
+        norm = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype)
+        self.ln_pre = LayerNorm(w, **norm)
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_dim, eps=eps, activation=activation,
                                        dtype=dtype, param_dtype=param_dtype, remat=remat, impl=impl, rngs=rngs)
-        self.ln_post = nnx.LayerNorm(w, **norm)
+        self.ln_post = LayerNorm(w, **norm)
         self.proj = nnx.Param(_normal(scale)(rngs.params(), (w, embed_dim), param_dtype))
 
     def _check_images(self, images: jax.Array) -> None:
@@ -234,8 +282,7 @@ class TextTransformer(nnx.Module):
         self.positional_embedding = nnx.Param(_normal(0.01)(rngs.params(), (cfg.context_length, w), param_dtype))
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_dim, eps=eps, activation=activation,
                                        dtype=dtype, param_dtype=param_dtype, remat=remat, impl=impl, rngs=rngs)
-        self.ln_final = nnx.LayerNorm(w, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-                                      rngs=rngs)
+        self.ln_final = LayerNorm(w, epsilon=eps, dtype=dtype, param_dtype=param_dtype)
         self.text_projection = nnx.Param(_normal(w**-0.5)(rngs.params(), (w, embed_dim), param_dtype))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
