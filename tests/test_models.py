@@ -150,6 +150,6 @@ def test_layer_norm_custom_backward_matches_autodiff(rng):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     check_grads(lambda *a: layer_norm(*a, 1e-5), (x, scale, bias), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
     torch = pytest.importorskip("torch")
-    want_torch = torch.nn.functional.layer_norm(torch.from_numpy(np.asarray(x)), (16,),
-                                                torch.from_numpy(np.asarray(scale)), torch.from_numpy(np.asarray(bias)))
+    want_torch = torch.nn.functional.layer_norm(torch.from_numpy(np.array(x)), (16,),
+                                                torch.from_numpy(np.array(scale)), torch.from_numpy(np.array(bias)))
     np.testing.assert_allclose(np.asarray(layer_norm(x, scale, bias, 1e-5)), want_torch.numpy(), atol=1e-5)
