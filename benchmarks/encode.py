@@ -72,7 +72,6 @@ def main() -> None:
     encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode_image(x))
     x = jax.device_put(jnp.asarray(images))
     ours_seconds = _time(lambda: encode(state, x), lambda out: out.block_until_ready(), args.iters)
-    del encode, state, model, graphdef
 
     ref_seconds = None
     if ref_model is not None:

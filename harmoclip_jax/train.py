@@ -12,8 +12,6 @@ the batches and numbers an uninterrupted one would have produced.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
 import math
 import os

@@ -5,7 +5,6 @@ Runs 3 train steps of the tiny config on a fixed global batch (each process feed
 and a parameter checksum; then a 2-step `train_and_evaluate` smoke run with evaluation into OUT_JSON's folder.
 """
 import json
-import os
 import pathlib
 import sys
 

@@ -13,19 +13,14 @@ import pytest
 from PIL import Image
 
 from harmoclip_jax.inference import InputError, Predictor, check_boxes, parse_boxes
+from trainer_helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LABELS = ["red star", "green cross", "orange ring", "yellow circle", "blue square"]
 
 
 def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # compile-bound tiny runs
-    return env
+    return subprocess_env()
 
 
 def _run(*args, cwd=ROOT, check=True):

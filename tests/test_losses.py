@@ -4,7 +4,7 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
+
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P

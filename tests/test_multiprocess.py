@@ -1,6 +1,5 @@
 """Two local processes (jax.distributed on CPU, gloo collectives) give the same loss as one process."""
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -8,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from trainer_helpers import subprocess_env
 
 HERE = pathlib.Path(__file__).parent
 
@@ -19,13 +19,7 @@ def _free_port():
 
 
 def _env(devices_per_process):
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
-    env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # compile-bound tiny runs
-    return env
+    return subprocess_env(devices_per_process)
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """`python -m harmoclip_jax.main` end to end on the tiny scenes dataset: smoke run, kill -9 + resume, NaN stop,
 SIGTERM. Runs the real command in subprocesses (1 CPU device each, so they are quick)."""
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -9,21 +8,15 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from harmoclip_jax.metrics_writer import read_metrics
+from trainer_helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # compile-bound tiny runs
-    return env
+    return subprocess_env()
 
 
 def _main(workdir, *overrides, arg="smoke,noeval", check=True, timeout=240):

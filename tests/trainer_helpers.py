@@ -1,8 +1,13 @@
-"""Shared pieces of the trainer tests: a tiny config and synthetic batches (no dataset needed)."""
+"""Shared pieces of the trainer tests: a tiny config, synthetic batches (no dataset needed) and the environment
+of subprocess runs."""
+import os
+import pathlib
+
 import numpy as np
 
 from harmoclip_jax import config_lib
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 EOT = 49407
 SOT = 49406
 
@@ -53,3 +58,17 @@ def synthetic_batch(seed, batch_size=16, regions=3, size=64):
         "lexeme": _tokens(rng, (batch_size, regions), vocab=20),
         "lexeme_id": rng.integers(0, 6, size=(batch_size, regions)).astype(np.int32),
     }
+
+
+def subprocess_env(devices: int | None = None) -> dict:
+    """Environment for a CPU subprocess run of the package: `devices` fake devices (default one), the repo on the
+    path, most XLA optimisations off (the tiny runs are compile-bound)."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
+    return env

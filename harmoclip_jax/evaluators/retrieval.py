@@ -66,7 +66,6 @@ class RetrievalEvaluator:
 
     def run(self, params) -> dict[str, float]:
         ctx = self.context
-        images, captions = [], []
         rows = collect(ctx, self.config, params, lambda p, batch: {
             "image": ctx.fns.embed_images(p, batch["image"]),
             "caption": ctx.fns.embed_captions(p, batch["captions"]),
