@@ -19,18 +19,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from harmoclip_jax import tokenizer as tok  # noqa: E402
+from harmoclip_jax.testing.reference import open_clip_file_module  # noqa: E402
 
 OPEN_CLIP_DIR = importlib.util.find_spec("open_clip").submodule_search_locations[0]
 
 
 def load_open_clip_tokenizer():
     """open_clip.tokenizer by file path (`import open_clip` needs torchvision, broken here)."""
-    spec = importlib.util.spec_from_file_location(
-        "open_clip_tokenizer_reference", os.path.join(OPEN_CLIP_DIR, "tokenizer.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return open_clip_file_module("tokenizer")
 
 
 def bpe_merges():

@@ -1,7 +1,5 @@
 """HarmoCLIP loss family vs NumPy references, masking, duplicates, config API, and global-batch sharding."""
-import importlib.util
 import math
-import os
 
 import jax
 
@@ -109,14 +107,9 @@ def make_inputs(seed=0, b=B):
 
 
 def _open_clip_loss_module():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.fail("open_clip_torch 3.3.0 must be installed (requirements-dev.txt)")
-    path = os.path.join(spec.submodule_search_locations[0], "loss.py")
-    module_spec = importlib.util.spec_from_file_location("open_clip_loss_reference", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # loss.py imports only torch, not torchvision
-    return module
+    from harmoclip_jax.testing.reference import open_clip_file_module
+
+    return open_clip_file_module("loss")  # loss.py imports only torch, not torchvision
 
 
 def test_gc_equals_open_clip_clip_loss():

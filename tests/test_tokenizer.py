@@ -10,6 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
+
+from harmoclip_jax.testing.reference import open_clip_file_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,12 +63,7 @@ HARD_STRINGS = [
 @pytest.fixture(scope="module")
 def open_clip_tokenizer():
     """open_clip.tokenizer loaded by path: `import open_clip` would need torchvision."""
-    spec = importlib.util.spec_from_file_location(
-        "open_clip_tokenizer_reference", os.path.join(OPEN_CLIP_DIR, "tokenizer.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return open_clip_file_module("tokenizer")
 
 
 def reference(open_clip_tokenizer, texts, context_length=77):

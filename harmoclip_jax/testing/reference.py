@@ -54,3 +54,19 @@ def open_clip_model(variant: str | CLIPConfig, seed: int = 0, **overrides):
     )
     randomize_(model, seed)
     return model.eval()
+
+
+def open_clip_file_module(name: str):
+    """open_clip's `<name>.py` (e.g. "tokenizer", "loss") loaded by path: the real open_clip code without importing
+    the whole package (whose import pulls in torchvision)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise ImportError("open_clip_torch is not installed (it is in requirements-dev.txt)")
+    path = os.path.join(spec.submodule_search_locations[0], f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(f"open_clip_{name}_reference", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
