@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from harmoclip_jax.data.features import NO_LABEL, record_features
+from harmoclip_jax.data.features import NO_LABEL, record_info
 from harmoclip_jax.data.lexemes import LexemeExtractor
 from harmoclip_jax.data.manual_files import (
     MAX_BOX_SIZE,
@@ -207,11 +207,9 @@ class CocoRegionCaptions(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__ + "\n" + COCO_DOWNLOAD_HELP
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return record_info(
+            self,
             description="COCO train2017 + captions + regions with BLIP-2 region captions and lexemes.",
-            features=record_features(),
-            metadata=tfds.core.MetadataDict(),
             homepage="https://cocodataset.org",
         )
 
@@ -327,11 +325,9 @@ class CocoPanopticBoxes(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__ + "\n" + COCO_DOWNLOAD_HELP
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return record_info(
+            self,
             description="COCO panoptic val2017 segments as labelled boxes (thing: bbox; stuff: tight mask box).",
-            features=record_features(),
-            metadata=tfds.core.MetadataDict(),
             homepage="https://cocodataset.org/#panoptic-2020",
         )
 
@@ -408,11 +404,9 @@ class CocoRetrieval(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__ + "\n" + COCO_DOWNLOAD_HELP
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return record_info(
+            self,
             description="COCO val2017, 5 captions per image, for image-text retrieval.",
-            features=record_features(),
-            metadata=tfds.core.MetadataDict(),
             homepage="https://cocodataset.org",
         )
 

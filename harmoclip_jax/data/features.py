@@ -45,3 +45,10 @@ def record_features(encoding_format: str = "jpeg") -> tfds.features.FeaturesDict
             ),
         }
     )
+
+
+def record_info(builder: tfds.core.DatasetBuilder, *, description: str, homepage: str,
+                encoding_format: str = "jpeg") -> tfds.core.DatasetInfo:
+    """The DatasetInfo of a builder writing this schema; builders fill `metadata` (class names) while building."""
+    return tfds.core.DatasetInfo(builder=builder, description=description, homepage=homepage,
+                                 features=record_features(encoding_format), metadata=tfds.core.MetadataDict())

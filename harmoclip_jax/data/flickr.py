@@ -17,7 +17,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from harmoclip_jax.data.coco import first_captions
-from harmoclip_jax.data.features import record_features
+from harmoclip_jax.data.features import record_info
 from harmoclip_jax.data.manual_files import (
     MissingDatasetFilesError,
     empty_regions,
@@ -91,11 +91,9 @@ class Flickr30kRetrieval(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__ + "\n" + FLICKR_DOWNLOAD_HELP
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return record_info(
+            self,
             description="Flickr30k Karpathy test split (1k images, 5 captions each) for image-text retrieval.",
-            features=record_features(),
-            metadata=tfds.core.MetadataDict(),
             homepage="https://shannon.cs.illinois.edu/DenotationGraph/",
         )
 
