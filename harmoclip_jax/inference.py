@@ -37,6 +37,7 @@ from PIL import Image
 from harmoclip_jax import checkpoint as ckpt_lib
 from harmoclip_jax.data import pipeline
 from harmoclip_jax.evaluators.box_classification import DEFAULT_TEMPLATES, class_embeddings
+from harmoclip_jax.evaluators.common import l2_normalize
 from harmoclip_jax.models.clip import CLIP
 from harmoclip_jax.ops import boxes as box_ops
 
@@ -236,10 +237,6 @@ def _check_templates(templates) -> tuple[str, ...]:
         raise InputError(f"templates: {bad[0]!r} must contain '{{}}' exactly once (where the label goes), "
                          "e.g. 'a photo of a {}.'")
     return templates
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -455,7 +452,7 @@ class Predictor:
         for n, batch, _ in self._image_batches(inputs, names):
             out.append(np.asarray(self._encode_images(self._state, batch))[:n])
         embeddings = np.concatenate(out)
-        return _normalise(embeddings) if normalize else embeddings
+        return l2_normalize(embeddings) if normalize else embeddings
 
     def embed_texts(self, texts: Sequence[str], *, normalize: bool = True) -> np.ndarray:
         """(N, E) text embeddings (texts tokenized with the CLIP BPE at the model's context length)."""
@@ -464,7 +461,7 @@ class Predictor:
         texts = _check_labels(texts, "texts")
         tokens = tokenize(texts, context_length=self.config.text.context_length)
         embeddings = self._embed_tokens(tokens)
-        return _normalise(embeddings) if normalize else embeddings
+        return l2_normalize(embeddings) if normalize else embeddings
 
     def _embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         out = []
@@ -509,7 +506,7 @@ class Predictor:
             regions = np.asarray(self._encode_regions(self._state, batch, padded))
             out.extend(regions[row, : len(b)] for row, b in enumerate(model_boxes))
         if normalize:
-            out = [_normalise(r) for r in out]
+            out = [l2_normalize(r) for r in out]
         return out[0] if single else out
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:

@@ -498,14 +498,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     from harmoclip_jax.data import pipeline
 
-    evaluators.common.register_datasets(data_config.dataset)
     if jax.process_count() > 1:  # one process generates/opens every dataset first; none is written twice
         if is_main:
             pipeline.open_source(data_config.dataset, data_config.train_split, data_config.data_dir)
             for ev in config.evals.values():
-                dataset = ev.get("dataset", data_config.dataset)
-                evaluators.common.register_datasets(dataset)
-                pipeline.open_source(dataset, ev.get("split", data_config.eval_split), data_config.data_dir)
+                pipeline.open_source(ev.dataset, ev.split, data_config.data_dir)
         distributed.barrier(f"datasets_ready:{workdir}")
     train_iter = pipeline.make_train_iterator(data_config)
     checkpointer = ckpt_lib.TrainCheckpointer(workdir / "checkpoints", keep=config.checkpoint.keep,

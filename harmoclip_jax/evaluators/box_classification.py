@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from harmoclip_jax.evaluators.common import EvalContext, collect, dataset_metadata
+from harmoclip_jax.evaluators.common import EvalContext, collect, dataset_metadata, l2_normalize
 
 # Prompt templates in the style of ViLD's ensemble ("a photo of a {}.", "There is a {} in the scene.", ...).
 DEFAULT_TEMPLATES = (
@@ -85,9 +85,8 @@ def class_embeddings(embed_texts, params, class_names: Sequence[str], templates:
     pad = (-len(tokens)) % multiple
     tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
     embed = to_host(embed_texts(params, tokens))[: len(texts)]
-    embed = embed / np.maximum(np.linalg.norm(embed, axis=-1, keepdims=True), 1e-12)
-    mean = embed.reshape(len(class_names), len(templates), -1).mean(1)
-    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+    mean = l2_normalize(embed).reshape(len(class_names), len(templates), -1).mean(1)
+    return l2_normalize(mean)
 
 
 class BoxClassificationEvaluator:
@@ -114,7 +113,7 @@ class BoxClassificationEvaluator:
                        keep=("box_mask", "label"))
         valid = rows["box_mask"].astype(bool) & (rows["label"] >= 0)
         regions = rows["region"][valid]
-        regions = regions / np.maximum(np.linalg.norm(regions, axis=-1, keepdims=True), 1e-12)
+        regions = l2_normalize(regions)
         metrics = box_classification_metrics(regions @ classes.T, rows["label"][valid], self.is_thing)
         metrics["num_boxes"] = float(valid.sum())
         return metrics

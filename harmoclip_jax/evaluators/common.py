@@ -34,6 +34,12 @@ class EvalContext:
     eval_batch_size: int  # global
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32; all-zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def register_datasets(dataset: str) -> None:
     """Imports the module that registers `dataset`'s TFDS builder."""
     name = dataset.split("/")[0]
@@ -73,7 +79,6 @@ def collect(context: EvalContext, eval_config, params, embed: Callable[[Any, dic
     `keep`. Every process gets the same result. Raises if a record is missing or seen twice.
     """
     data = eval_data_config(context, eval_config)
-    register_datasets(data.dataset)
     iterator = pipeline.make_eval_iterator(data)
     parts: dict[str, list[np.ndarray]] = {}
     try:

@@ -9,12 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from harmoclip_jax.evaluators.common import EvalContext, collect
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from harmoclip_jax.evaluators.common import EvalContext, collect, l2_normalize
 
 
 def retrieval_metrics(image_embed: np.ndarray, text_embed: np.ndarray, text_image: np.ndarray,
@@ -29,7 +24,7 @@ def retrieval_metrics(image_embed: np.ndarray, text_embed: np.ndarray, text_imag
       most similar images. image->text: an image is a hit at k if ANY of its captions is among the k most
       similar captions. Ties count against the query (a rival with an equal score ranks ahead).
     """
-    images, texts = _normalize(image_embed), _normalize(text_embed)
+    images, texts = l2_normalize(image_embed), l2_normalize(text_embed)
     text_image = np.asarray(text_image, np.int64)
     n, m = len(images), len(texts)
     if text_image.shape != (m,) or (m and (text_image.min() < 0 or text_image.max() >= n)):
