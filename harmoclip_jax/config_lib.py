@@ -113,9 +113,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     if config.loss.method != config.method:
         raise ValueError(f"config.loss.method={config.loss.method!r} differs from config.method={config.method!r}; "
                          "set the method with `method=` in the config argument so both agree")
-    if config.loss.lrc_negatives == "vocab":
-        raise ValueError("config.loss.lrc_negatives='vocab' needs a lexeme vocabulary the data pipeline does not "
-                         "provide (lexeme ids are string hashes); use 'batch'")
+    if config.loss.lrc_negatives == "vocab" and (config.region.lexeme_vocab_size <= 0
+                                                 or config.region.lexeme_vocab_min_count <= 0):
+        raise ValueError(f"config.loss.lrc_negatives='vocab' keeps the config.region.lexeme_vocab_size="
+                         f"{config.region.lexeme_vocab_size} most frequent training lexemes seen at least "
+                         f"config.region.lexeme_vocab_min_count={config.region.lexeme_vocab_min_count} times; both "
+                         "must be positive")
     for name in ("total_steps", "batch_size"):
         if int(config[name]) <= 0:
             raise ValueError(f"config.{name}={config[name]} must be positive")
@@ -206,6 +209,9 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.region.text_length = placeholder(int)  # encode region captions/lexemes from this many tokens (None: all)
     c.region.concepts = []  # RegionCLIP concept names; empty = the training dataset's class_names
     c.region.concept_template = "a photo of a {}."
+    # LRC with lrc_negatives="vocab": the most frequent training-split lexemes (workdir/lexeme_vocab.json)
+    c.region.lexeme_vocab_size = 10000
+    c.region.lexeme_vocab_min_count = 1
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5

@@ -52,8 +52,9 @@ class TextEmbeddingCache:
         if self.path is not None and self.path.exists():
             with np.load(self.path) as data:
                 tokens, embeds = data["tokens"], data["embeddings"]
-            for row, embed in zip(tokens, embeds):
-                self._index[row.tobytes()] = len(self._rows)
+                lengths = data["lengths"] if "lengths" in data else np.full(len(tokens), tokens.shape[-1])
+            for row, length, embed in zip(tokens, lengths, embeds):
+                self._index[row[:length].tobytes()] = len(self._rows)
                 self._rows.append(embed)
             self._saved = len(self._rows)
             log.info("text cache: loaded %d embeddings from %s", len(self._rows), self.path)
@@ -85,9 +86,15 @@ class TextEmbeddingCache:
         if self.path is None or len(self._rows) == self._saved:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tokens = np.stack([np.frombuffer(k, np.int32) for k in self._index])
+        # Rows of different lengths (captions; region texts cut to config.region.text_length) share one file:
+        # zero-padded to the longest, with each row's own length.
+        rows = [np.frombuffer(k, np.int32) for k in self._index]
+        lengths = np.array([len(r) for r in rows], np.int32)
+        tokens = np.zeros((len(rows), lengths.max()), np.int32)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = row
         embeds = np.stack(self._rows)
         tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(tmp, tokens=tokens, embeddings=embeds)
+        np.savez(tmp, tokens=tokens, lengths=lengths, embeddings=embeds)
         os.replace(tmp, self.path)
         self._saved = len(self._rows)

@@ -19,7 +19,7 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,9 @@ from harmoclip_jax.models.variants import CLIPConfig, get_config
 from harmoclip_jax.ops.boxes import enlarge_boxes
 from harmoclip_jax.ops.roi_align import roi_align
 from harmoclip_jax.text_cache import TextEmbeddingCache, fingerprint
+
+if TYPE_CHECKING:  # the data modules import grain; train imports them when it runs
+    from harmoclip_jax.data.lexeme_vocab import LexemeVocab
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +134,10 @@ def compute_outputs(model: CLIP, teacher: CLIP | None, batch: dict, consts: dict
     if "teacher_region_embed" in needed:
         dense = teacher.encode_dense(images)
         out["teacher_region_embed"] = jax.lax.stop_gradient(region_embeddings(dense, batch["boxes"], region, patch))
-    if "concept_embed" in needed:
-        out["concept_embed"] = consts["concept_embed"] if "concept_embed" in consts else \
-            model.encode_text(consts["concept_tokens"])
+    for name in ("concept", "lexeme_vocab"):  # constant text sets: cached embeddings, or tokens encoded here
+        if f"{name}_embed" in needed:
+            out[f"{name}_embed"] = consts[f"{name}_embed"] if f"{name}_embed" in consts else \
+                model.encode_text(consts[f"{name}_tokens"])
     if "logit_scale" in needed:
         out["logit_scale"] = model.logit_scale[...]
     return out
@@ -330,9 +334,12 @@ def shorten_region_texts(local: dict, length: int | None) -> dict:
 
 
 def prepare_batch(local: dict, keys: list[str], cache: TextEmbeddingCache | None,
-                  region_text_length: int | None = None) -> dict[str, np.ndarray]:
-    """The host batch the train step takes: needed keys only, short region texts, cached text embeddings."""
+                  region_text_length: int | None = None, vocab: LexemeVocab | None = None) -> dict[str, np.ndarray]:
+    """The host batch the train step takes: needed keys only, short region texts, cached text embeddings, and
+    lexeme ids as rows of `vocab` when LRC uses vocabulary negatives."""
     local = shorten_region_texts(local, region_text_length)
+    if vocab is not None:
+        local = dict(local, lexeme_id=vocab.index(local["lexeme_id"]))
     out = {}
     for key in keys:
         if key in local:
@@ -367,22 +374,35 @@ def make_text_cache(trainer: Trainer, params, workdir: pathlib.Path, dataset: st
     return TextEmbeddingCache(encode_local, directory / f"{name}-{key}-p{jax.process_index()}.npz")
 
 
-def make_consts(trainer: Trainer, cache: TextEmbeddingCache | None, class_names: list[str]) -> dict:
-    """Step constants: the RegionCLIP concept vocabulary (embedded once when the text tower is frozen)."""
-    if "concept_embed" not in trainer.needed:
-        return {}
+def make_consts(trainer: Trainer, cache: TextEmbeddingCache | None, class_names: list[str],
+                vocab: LexemeVocab | None = None) -> dict:
+    """Step constants: the RegionCLIP concept names and the LRC lexeme vocabulary, as tokens (encoded in the step,
+    so they follow a training text tower) or as embeddings computed once when the text tower is frozen."""
     from harmoclip_jax.tokenizer import tokenize
 
-    region = trainer.config.region
-    names = list(region.concepts) or class_names
-    if not names:
-        raise ValueError("method=regionclip needs concept names: set config.region.concepts (RegionCLIP uses a "
-                         "pool of nouns parsed from captions) or train on a dataset with class_names metadata")
-    tokens = tokenize([region.concept_template.format(n) for n in names], context_length=trainer.config.model
-                      .context_length)
-    if cache is not None:
-        return {"concept_embed": cache.lookup(tokens)}
-    return {"concept_tokens": tokens}
+    config = trainer.config
+    texts = {}
+    if "concept_embed" in trainer.needed:
+        names = list(config.region.concepts) or class_names
+        if not names:
+            raise ValueError("method=regionclip needs concept names: set config.region.concepts (RegionCLIP uses a "
+                             "pool of nouns parsed from captions) or train on a dataset with class_names metadata")
+        texts["concept"] = [config.region.concept_template.format(n) for n in names]
+    if "lexeme_vocab_embed" in trainer.needed:
+        if vocab is None or not len(vocab):
+            raise ValueError("config.loss.lrc_negatives='vocab' needs a lexeme vocabulary (train_and_evaluate builds "
+                             "it from the training split)")
+        texts["lexeme_vocab"] = list(vocab.lexemes)
+    consts = {}
+    for name, strings in texts.items():
+        tokens = tokenize(strings, context_length=config.model.context_length)
+        if name == "lexeme_vocab":  # encoded exactly like the batch's lexemes (config.region.text_length)
+            tokens = shorten_region_texts({"lexeme": tokens}, config.region.text_length)["lexeme"]
+        if cache is not None:
+            consts[f"{name}_embed"] = cache.lookup(tokens)
+        else:
+            consts[f"{name}_tokens"] = tokens
+    return consts
 
 
 # ----------------------------------------------------------------------------------------- preflight
@@ -496,7 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.write_config(config)
 
-    from harmoclip_jax.data import pipeline
+    from harmoclip_jax.data import lexeme_vocab, pipeline
 
     if jax.process_count() > 1:  # one process generates/opens every dataset first; none is written twice
         if is_main:
@@ -527,7 +547,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if "concept_embed" in trainer.needed and not config.region.concepts:
         class_names = list(evaluators.common.dataset_metadata(data_config.dataset, data_config.data_dir)
                            .get("class_names") or [])
-    consts = make_consts(trainer, cache, class_names)
+    vocab = None
+    if "lexeme_vocab_embed" in trainer.needed:
+        vocab = lexeme_vocab.load_or_build(workdir / "lexeme_vocab.json", data_config.dataset, data_config.train_split,
+                                           data_config.data_dir, config.region.lexeme_vocab_size,
+                                           config.region.lexeme_vocab_min_count, write=is_main)
+        if is_main:
+            print(f"LRC against a vocabulary of {len(vocab)} lexemes ({workdir / 'lexeme_vocab.json'}); regions whose "
+                  "lexeme is outside it do not enter the LRC term", flush=True)
+    consts = make_consts(trainer, cache, class_names, vocab)
     context = evaluators.EvalContext(mesh=trainer.mesh, data_config=data_config, fns=trainer.eval_fns(),
                                      eval_batch_size=config.eval_batch_size)
     evals = {name: evaluators.build(name, ev, context) for name, ev in config.evals.items()}
@@ -546,7 +574,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with jax.set_mesh(trainer.mesh), _StopRequest() as stop:
             while step < total:
                 local = next(train_iter)
-                batch = sharding.put_batch(prepare_batch(local, batch_keys, cache, config.region.text_length),
+                batch = sharding.put_batch(prepare_batch(local, batch_keys, cache, config.region.text_length, vocab),
                                            trainer.mesh)
                 state, metrics = trainer.train_step(state, batch, consts)
                 step += 1

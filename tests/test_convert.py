@@ -36,22 +36,6 @@ def _hf_features(hf, images, tokens):
     return pick(img), pick(txt)
 
 
-def _hf_dense_reference(hf, images):
-    """The FineCLIP/CLIPSelf last-block trick written on top of transformers' own modules."""
-    vm = hf.vision_model
-    with torch.no_grad():
-        x = vm.pre_layrnorm(vm.embeddings(torch.from_numpy(images.transpose(0, 3, 1, 2))))
-        for layer in vm.encoder.layers[:-1]:
-            out = layer(x, attention_mask=None)
-            x = out[0] if isinstance(out, tuple) else out
-        last = vm.encoder.layers[-1]
-        x = x + last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(x)))
-        x = x + last.mlp(last.layer_norm2(x))
-        x = hf.visual_projection(vm.post_layernorm(x[:, 1:]))
-    g = int(round(x.shape[1] ** 0.5))
-    return x.reshape(x.shape[0], g, g, -1).numpy()
-
-
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     hf = reference.hf_clip_model("test-tiny", seed=1)
@@ -74,7 +58,7 @@ def test_hf_tiny_dense_matches_torch_reference(tiny_hf, rng):
     hf, path = tiny_hf
     model = convert.load_hf_clip(path)
     images = _images(rng, 2, 64)
-    want = _hf_dense_reference(hf, images)
+    want = reference.hf_dense_features(hf, images)
     dense = model.encode_dense(jnp.asarray(images))
     assert dense.shape == (2, 4, 4, 32)
     np.testing.assert_allclose(np.asarray(dense), want, atol=1e-4, rtol=0)
@@ -127,7 +111,7 @@ def test_hf_vit_b16_real_shapes_parity(tmp_path, rng):
     ref_img, ref_txt = _hf_features(hf, images, tokens)
     np.testing.assert_allclose(np.asarray(model.encode_image(jnp.asarray(images))), ref_img, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(model.encode_text(jnp.asarray(tokens))), ref_txt, atol=1e-4, rtol=0)
-    want = _hf_dense_reference(hf, images)
+    want = reference.hf_dense_features(hf, images)
     np.testing.assert_allclose(np.asarray(model.encode_dense(jnp.asarray(images))), want, atol=1e-4, rtol=0)
 
 

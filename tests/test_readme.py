@@ -24,7 +24,7 @@ def _readme_commands() -> list[list[str]]:
             line = line.split(" #")[0].strip()
             for part in line.split("&&"):
                 part = part.strip()
-                if part.startswith("python -m harmoclip_jax"):
+                if part.startswith(("python -m harmoclip_jax", "python benchmarks/")):
                     commands.append(shlex.split(part))
     return commands
 
@@ -32,8 +32,15 @@ def _readme_commands() -> list[list[str]]:
 COMMANDS = _readme_commands()
 
 
+def _program(command: list[str]) -> tuple[list[str], list[str]]:
+    """(how to run it, its arguments): `python -m module ...` or `python benchmarks/script.py ...`."""
+    if command[1] == "-m":
+        return ["-m", command[2]], command[3:]
+    return [command[1]], command[2:]
+
+
 def test_readme_has_the_quick_start_commands():
-    modules = [c[2] for c in COMMANDS]
+    modules = [c[2] for c in COMMANDS if c[1] == "-m"]
     assert "harmoclip_jax.main" in modules and "harmoclip_jax.convert" in modules
     assert "pip install -r requirements-dev.txt && python -m pytest -q" in (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
@@ -42,11 +49,12 @@ def test_readme_has_the_quick_start_commands():
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
 def test_readme_command_is_valid(command):
-    module = command[2]
-    flags = [a for a in command[3:] if a.startswith("--")]
+    program, arguments = _program(command)
+    module = program[-1]
+    flags = [a for a in arguments if a.startswith("--")]
     plain = [f.split("=")[0] for f in flags if not f.startswith("--config.")]
     def usage(flag):  # absl modules print their flags for --helpfull (exit code 1), argparse ones for --help
-        return subprocess.run([sys.executable, "-m", module, flag], capture_output=True, text=True, cwd=ROOT,
+        return subprocess.run([sys.executable, *program, flag], capture_output=True, text=True, cwd=ROOT,
                               timeout=120)
 
     helptext = usage("--helpfull")
@@ -65,3 +73,16 @@ def test_readme_command_is_valid(command):
             for key in override.split("=")[0][len("--config."):].split("."):
                 assert key in node, f"{override}: config has no field {key!r}"
                 node = node[key]
+
+
+def test_readme_tradeoff_table_is_the_generated_one():
+    """The study's table in the README is exactly what `benchmarks/tradeoff.py` last wrote to docs/tradeoff.md."""
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- tradeoff table: begin -->\n", "<!-- tradeoff table: end -->"
+    assert begin in readme and end in readme
+    shown = readme.split(begin, 1)[1].split(end, 1)[0]
+    generated = (ROOT / "docs" / "tradeoff.md").read_text().split("\n", 1)[1]  # without the regenerate comment
+    assert shown.strip() == generated.strip()
+    command = (ROOT / "docs" / "tradeoff.md").read_text().split("\n", 1)[0]
+    assert command.removeprefix("<!-- regenerate: ").removesuffix(" -->") in readme
+    assert "docs/tradeoff.png" in readme and (ROOT / "docs" / "tradeoff.png").exists()

@@ -145,3 +145,22 @@ def test_bad_inputs_raise_clear_errors(features, boxes):
         roi_align(features, boxes[:1])
     with pytest.raises(ValueError, match="output_size"):
         roi_align(features, boxes, (0, 2))
+
+
+def test_large_outputs_take_two_matmuls_and_still_match_the_reference():
+    """Crops (output as large as the map) contract one axis at a time; same numbers, same gradient rule."""
+    from harmoclip_jax.ops.roi_align import _two_matmuls_are_cheaper
+
+    rng = np.random.default_rng(7)
+    feats = rng.normal(size=(2, 12, 10, 3)).astype(np.float32)
+    xs, ys = np.sort(rng.uniform(-2, 10 * 8 + 2, (2, 5, 2)), -1), np.sort(rng.uniform(-2, 12 * 8 + 2, (2, 5, 2)), -1)
+    crops = np.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], -1).astype(np.float32)
+    assert _two_matmuls_are_cheaper((24, 24), (12, 10), 3) and not _two_matmuls_are_cheaper((7, 7), (14, 14), 768)
+    for sampling_ratio, aligned in [(1, True), (-1, True), (2, False)]:
+        expected = roi_align_reference(feats, crops, (24, 24), 1 / 8, sampling_ratio, aligned)
+        got = jit_roi_align(feats, crops, (24, 24), 1 / 8, sampling_ratio, aligned)
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0)
+    cotangent = rng.normal(size=(2, 5, 24, 24, 3)).astype(np.float32)
+    grad = jax.grad(lambda f: jnp.sum(roi_align(f, crops, (24, 24), 1 / 8, 1, True) * cotangent))(feats)
+    forward = roi_align_reference(feats, crops, (24, 24), 1 / 8, 1, True)
+    np.testing.assert_allclose(np.sum(np.asarray(grad) * feats), np.sum(forward * cotangent), rtol=1e-4)

@@ -130,6 +130,15 @@ def _roi_align_chunk(features, boxes, output_size, spatial_scale, sampling_ratio
     # backward pass. Measured on CPU (benchmarks/RESULTS.md): faster than contracting one axis at a
     # time, and flattening (H, W) into one contraction axis halves the backward (no layout copy).
     batch, num_boxes = boxes.shape[:2]
+    channels = features.shape[-1]
+    if _two_matmuls_are_cheaper(output_size, (height, width), channels):
+        # Large outputs (e.g. crops resized to the model input): contract x, then y. The one-matmul form below
+        # would build a (oh*ow, H*W) weight matrix per box, 17 GB for 256 crops of 64 x 64 px.
+        along_x = jnp.einsum("btqw,bhwc->bthqc", weights_x.astype(features.dtype), features, precision=precision,
+                             preferred_element_type=jnp.float32)
+        pooled = jnp.einsum("btph,bthqc->btpqc", weights_y, along_x, precision=precision,
+                            preferred_element_type=jnp.float32)
+        return pooled.astype(features.dtype)
     weights = weights_y[:, :, :, None, :, None] * weights_x[:, :, None, :, None, :]  # (B,T,oh,ow,H,W)
     weights = weights.reshape(batch, num_boxes * out_h * out_w, height * width)
     pooled = jnp.einsum(
@@ -140,6 +149,17 @@ def _roi_align_chunk(features, boxes, output_size, spatial_scale, sampling_ratio
         preferred_element_type=jnp.float32,
     )
     return pooled.reshape(batch, num_boxes, out_h, out_w, -1).astype(features.dtype)
+
+
+def _two_matmuls_are_cheaper(output_size, grid_size, channels: int) -> bool:
+    """Whether contracting one axis at a time costs far fewer flops per box than one (oh*ow, H*W) matmul.
+
+    Region pooling (1x1 to 7x7 bins on a 14x14 grid) stays on the single matmul, measured fastest there;
+    crops (output as large as the image) take two."""
+    (out_h, out_w), (height, width) = output_size, grid_size
+    one = out_h * out_w * height * width * (channels + 1)  # weight product + matmul
+    two = out_w * width * height * channels + out_h * height * out_w * channels
+    return one > 8 * two
 
 
 def roi_align(

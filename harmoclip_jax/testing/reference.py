@@ -70,3 +70,22 @@ def open_clip_file_module(name: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def hf_dense_features(hf, images):
+    """Dense patch embeddings (B, g, g, E) of a transformers `CLIPModel` for NHWC float images: the
+    FineCLIP/CLIPSelf last-block trick (value path only, no attention) written on transformers' own modules."""
+    import torch
+
+    vm = hf.vision_model
+    with torch.no_grad():
+        x = vm.pre_layrnorm(vm.embeddings(torch.as_tensor(images).permute(0, 3, 1, 2)))
+        for layer in vm.encoder.layers[:-1]:
+            out = layer(x, attention_mask=None)
+            x = out[0] if isinstance(out, tuple) else out
+        last = vm.encoder.layers[-1]
+        x = x + last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(x)))
+        x = x + last.mlp(last.layer_norm2(x))
+        x = hf.visual_projection(vm.post_layernorm(x[:, 1:]))
+    g = int(round(x.shape[1] ** 0.5))
+    return x.reshape(x.shape[0], g, g, -1).numpy()

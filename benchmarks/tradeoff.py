@@ -1,0 +1,404 @@
+"""The global-local trade-off study: does region training cost global retrieval, and does HarmoCLIP avoid it?
+
+Protocol (the paper's, at CPU scale, on the embedded scenes dataset):
+  1. Pretrain a global-only CLIP (GC loss, both towers, from scratch): the "pretrained CLIP" every method starts
+     from, as the paper's methods start from OpenAI/EVA CLIP.
+  2. From that checkpoint, fine-tune every method (`clip` = GC only continued, `clipself`, `regionclip`,
+     `fineclip`, `harmoclip` with GR-a/b/c) and the ablations of docs/method.md (GC+LRC, GC+GR, +FineCLIP's
+     self-distillation, lexeme vocabulary negatives) with the same steps, batch and schedule, text tower frozen
+     (FineCLIP/CLIPSelf protocol), for each of several seeds (data order and shuffles).
+  3. Evaluate on the held-out split: retrieval R@1 both directions, box classification top-1/top-5 (per-class
+     mean, class prompts through the text tower), and report mean and sample std over seeds as a markdown table,
+     a scatter plot (x: box top-1, y: retrieval R@1) and JSON.
+
+Every run is an ordinary trainer run in `<workdir>/runs/<name>/seed<k>` with its own checkpoints, so a killed
+study resumes where it stopped (finished runs are skipped; an interrupted run continues from its last checkpoint).
+
+    python benchmarks/tradeoff.py                          # the default study (~1 h on 2 CPU cores)
+    python benchmarks/tradeoff.py --scale 4 --seeds 5      # longer and stronger, for bigger machines
+    python benchmarks/tradeoff.py --dataset scenes/default --variant ViT-S/8@64 --scale 4   # more data, wider model
+    python benchmarks/tradeoff.py --only clip,harmoclip    # a subset (the report covers what has finished)
+    python benchmarks/tradeoff.py --report_only            # redraw table/plot/JSON from finished runs
+
+Outputs: `<report_dir>/tradeoff.{md,json,png}` (default docs/, which the README shows) and one JSON line per
+run on stdout: {"bench": "tradeoff", "case": {"run": ...}, "unit": ..., "ours": <run>, "reference": <clip>, ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+# ------------------------------------------------------------------------------------------------ the study
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    label: str  # what the table and plot call it
+    method: str
+    loss: dict  # overrides of config.loss (dotted keys)
+    group: str  # "method" or "ablation"
+
+
+RUNS = (
+    Run("clip", "CLIP (GC only, continued)", "clip", {}, "method"),
+    Run("clipself", "CLIPSelf (SD to teacher crops)", "clipself", {}, "method"),
+    Run("regionclip", "RegionCLIP (concept loss)", "regionclip", {}, "method"),
+    Run("fineclip", "FineCLIP (GC + SD + RC)", "fineclip", {}, "method"),
+    Run("harmoclip", "HarmoCLIP (GC + LRC + GR-a)", "harmoclip", {}, "method"),
+    Run("harmoclip_grb", "HarmoCLIP, GR-b (pooled regions - caption)", "harmoclip", {"gr_variant": "b"}, "method"),
+    Run("harmoclip_grc", "HarmoCLIP, GR-c (region - own crop)", "harmoclip", {"gr_variant": "c"}, "method"),
+    Run("gc_lrc", "GC + LRC", "harmoclip", {"weights.gr": 0.0}, "ablation"),
+    Run("gc_gr", "GC + GR-a (= FineCLIP without SD)", "harmoclip", {"weights.lrc": 0.0}, "ablation"),
+    Run("harmoclip_sd", "GC + LRC + GR-a + FineCLIP SD", "harmoclip", {"weights.sd": 1.0}, "ablation"),
+    Run("harmoclip_vocab", "GC + LRC (vocabulary negatives) + GR-a", "harmoclip", {"lrc_negatives": "vocab"},
+        "ablation"),
+)
+RUN_NAMES = tuple(r.name for r in RUNS)
+PRETRAINED = "pretrained"  # the shared starting point, evaluated as a row of its own
+
+METRICS = {  # report name -> trainer metric
+    "box_top1": "eval/boxcls/top1",
+    "box_top5": "eval/boxcls/top5",
+    "t2i_r1": "eval/retrieval/t2i_r1",
+    "i2t_r1": "eval/retrieval/i2t_r1",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    dataset: str = "scenes/small"
+    variant: str = "ViT-Ti/8@64"
+    image_size: int = 64
+    batch_size: int = 64
+    pretrain_steps: int = 600
+    pretrain_lr: float = 1e-3
+    finetune_steps: int = 150
+    finetune_lr: float = 1e-4
+    seeds: tuple[int, ...] = (0, 1, 2)
+    data_dir: str | None = None
+
+    @classmethod
+    def default(cls, scale: float = 1.0, num_seeds: int = 3, data_dir: str | None = None,
+                dataset: str | None = None, variant: str | None = None) -> "Study":
+        if scale <= 0 or num_seeds < 1:
+            raise SystemExit(f"--scale={scale} must be positive and --seeds={num_seeds} at least 1")
+        if dataset and not dataset.startswith("scenes/"):
+            raise SystemExit(f"--dataset={dataset}: the study's configs (text lengths, classes) are made for the scenes "
+                             "dataset (scenes/small, scenes/default); for COCO run configs/vitb16.py with each method=")
+        base = cls()
+        image_size = base.image_size
+        if variant:
+            from harmoclip_jax.models.variants import get_config
+
+            image_size = get_config(variant).vision.image_size
+        return dataclasses.replace(base, pretrain_steps=max(1, round(base.pretrain_steps * scale)),
+                                   finetune_steps=max(1, round(base.finetune_steps * scale)),
+                                   seeds=tuple(range(num_seeds)), data_dir=data_dir,
+                                   dataset=dataset or base.dataset, variant=variant or base.variant,
+                                   image_size=image_size)
+
+    @classmethod
+    def smoke(cls, num_seeds: int = 2, data_dir: str | None = None) -> "Study":
+        """Seconds per run: the tiny model and dataset of the unit tests (checks the plumbing, not the science)."""
+        return cls(dataset="scenes/tiny", variant="test-tiny", batch_size=16, pretrain_steps=2, finetune_steps=2,
+                   seeds=tuple(range(num_seeds)), data_dir=data_dir)
+
+    def describe(self) -> str:
+        return (f"`{self.dataset}` (train split; evaluated on the held-out `val` split), {self.variant}, batch "
+                f"{self.batch_size}. Pretraining: GC only, both towers, from scratch, {self.pretrain_steps} steps, lr "
+                f"{self.pretrain_lr:g} (seed 0). Each run: {self.finetune_steps} steps from that checkpoint, text tower "
+                f"frozen, AdamW lr {self.finetune_lr:g} (cosine, {self.warmup(self.finetune_steps)} warmup steps), "
+                f"seeds {', '.join(map(str, self.seeds))} (data order). Cells: mean ± sample std over seeds; Δ columns: "
+                f"difference of means from the GC-only run, with Welch's t (|t| < 2: within the seed noise).")
+
+    @staticmethod
+    def warmup(steps: int) -> int:
+        return max(1, steps // 10)
+
+
+def base_config(study: Study, method: str):
+    from harmoclip_jax import config_lib
+
+    c = config_lib.load_config(str(ROOT / "configs" / "demo.py") + (":smoke" if study.variant == "test-tiny" else ""))
+    config_lib.set_method(c, method)
+    c.model.variant = study.variant
+    c.model.image_size = c.data.image_size = study.image_size
+    c.data.dataset = study.dataset
+    c.data.data_dir = study.data_dir
+    c.batch_size = study.batch_size
+    for ev in c.evals.values():
+        ev.dataset = study.dataset
+    c.progress_bar = False
+    c.plot = False
+    c.checkpoint.keep = 1
+    c.checkpoint.async_save = False
+    return c
+
+
+def pretrain_config(study: Study):
+    c = base_config(study, "clip")
+    c.seed = c.data.seed = 0
+    c.total_steps = study.pretrain_steps
+    c.optim.lr = study.pretrain_lr
+    c.optim.warmup_steps = Study.warmup(study.pretrain_steps)
+    c.optim.freeze = []  # from scratch: both towers
+    c.eval_every = study.pretrain_steps  # the final evaluation is the one reported
+    c.checkpoint.every = max(1, study.pretrain_steps // 2)
+    return c
+
+
+def finetune_config(study: Study, run: Run, seed: int, init_dir: pathlib.Path):
+    from harmoclip_jax import config_lib
+
+    c = base_config(study, run.method)
+    for key, value in run.loss.items():
+        node = c.loss
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    c.seed = c.data.seed = seed
+    c.init.mode = "params"
+    c.init.params_dir = str(init_dir)
+    c.total_steps = study.finetune_steps
+    c.optim.lr = study.finetune_lr
+    c.optim.warmup_steps = Study.warmup(study.finetune_steps)
+    c.optim.freeze = [config_lib.TEXT_TOWER]
+    c.eval_every = study.finetune_steps
+    c.checkpoint.every = max(1, study.finetune_steps // 2)
+    return c
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _result_path(run_dir: pathlib.Path) -> pathlib.Path:
+    return run_dir / "result.json"
+
+
+def run_one(config, run_dir: pathlib.Path) -> dict:
+    """Trains+evaluates one run (resuming it if interrupted) unless its result.json exists; returns the result."""
+    from harmoclip_jax import train
+
+    path = _result_path(run_dir)
+    if path.exists():
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    metrics = train.train_and_evaluate(config, run_dir)
+    missing = [m for m in METRICS.values() if m not in metrics]
+    if missing:
+        raise RuntimeError(f"{run_dir}: the run finished without the metrics {missing}; got {sorted(metrics)}")
+    result = {"metrics": {name: float(metrics[key]) for name, key in METRICS.items()},
+              "steps": int(config.total_steps), "seed": int(config.seed), "seconds": time.perf_counter() - start}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return result
+
+
+def run_study(study: Study, workdir: pathlib.Path, names: tuple[str, ...]) -> None:
+    import jax
+
+    # Seeds of one run compile the same programs: XLA's persistent cache skips the recompiles.
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    todo = [(PRETRAINED, 0)] + [(name, seed) for name in names for seed in study.seeds]
+    start = time.perf_counter()
+    done_now = 0
+    for index, (name, seed) in enumerate(todo):
+        run_dir = workdir / "runs" / name / (f"seed{seed}" if name != PRETRAINED else "")
+        if _result_path(run_dir).exists():
+            continue
+        elapsed = time.perf_counter() - start
+        remaining = len(todo) - index
+        eta = f", ~{elapsed / done_now * remaining / 60:.0f} min left" if done_now else ""
+        print(f"[tradeoff] run {index + 1}/{len(todo)}: {name} seed {seed} ({elapsed / 60:.1f} min so far{eta})",
+              file=sys.stderr, flush=True)
+        if name == PRETRAINED:
+            config = pretrain_config(study)
+        else:
+            run = next(r for r in RUNS if r.name == name)
+            config = finetune_config(study, run, seed, workdir / "runs" / PRETRAINED / "params")
+        run_one(config, run_dir)
+        done_now += 1
+    print(f"[tradeoff] all {len(todo)} runs finished ({(time.perf_counter() - start) / 60:.1f} min this time)",
+          file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def collect(workdir: pathlib.Path, study: Study) -> dict:
+    """{name: {"label", "group", "seeds": [...], "per_seed": {metric: [...]}, "mean": {...}, "std": {...}}} of the
+    finished runs (a partial study reports what it has)."""
+    rows = {}
+    entries = [(PRETRAINED, "Pretrained CLIP (the starting point)", "start", [workdir / "runs" / PRETRAINED])]
+    entries += [(r.name, r.label, r.group, [workdir / "runs" / r.name / f"seed{s}" for s in study.seeds])
+                for r in RUNS]
+    for name, label, group, dirs in entries:
+        results = [json.loads(_result_path(d).read_text()) for d in dirs if _result_path(d).exists()]
+        if not results:
+            continue
+        per_seed = {m: [r["metrics"][m] for r in results] for m in METRICS}
+        per_seed["r1_mean"] = [(a + b) / 2 for a, b in zip(per_seed["t2i_r1"], per_seed["i2t_r1"])]
+        rows[name] = {
+            "label": label, "group": group, "seeds": [r["seed"] for r in results], "steps": results[0]["steps"],
+            "seconds": [round(r["seconds"], 1) for r in results], "per_seed": per_seed,
+            "mean": {m: float(np.mean(v)) for m, v in per_seed.items()},
+            "std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in per_seed.items()},
+        }
+    return rows
+
+
+def _cell(row: dict, metric: str) -> str:
+    if len(row["seeds"]) == 1:
+        return f"{row['mean'][metric]:.3f}"
+    return f"{row['mean'][metric]:.3f} ± {row['std'][metric]:.3f}"
+
+
+def _delta(row: dict, base: dict, metric: str) -> str:
+    """Difference of means, with Welch's t when both sides have several seeds (|t| < 2: within the noise)."""
+    diff = row["mean"][metric] - base["mean"][metric]
+    n, m = len(row["seeds"]), len(base["seeds"])
+    se = (row["std"][metric] ** 2 / n + base["std"][metric] ** 2 / m) ** 0.5
+    if n < 2 or m < 2 or row is base:
+        return f"{diff:+.3f}"
+    return f"{diff:+.3f} (t {diff / se:+.1f})" if se > 0 else f"{diff:+.3f}"
+
+
+def markdown_table(rows: dict, study: Study) -> str:
+    lines = [study.describe(), "",
+             "| run | box top-1 | box top-5 | text→image R@1 | image→text R@1 | mean R@1 | Δ box top-1 vs CLIP | "
+             "Δ mean R@1 vs CLIP | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = rows.get("clip")
+    for name, row in rows.items():
+        if base is not None and name != PRETRAINED:
+            d_box, d_r1 = _delta(row, base, "box_top1"), _delta(row, base, "r1_mean")
+        else:
+            d_box = d_r1 = ""
+        label = f"**{row['label']}**" if name == "harmoclip" else row["label"]
+        if row["group"] == "ablation":
+            label = f"ablation: {label}"
+        lines.append(f"| {label} | {_cell(row, 'box_top1')} | {_cell(row, 'box_top5')} | {_cell(row, 't2i_r1')} | "
+                     f"{_cell(row, 'i2t_r1')} | {_cell(row, 'r1_mean')} | {d_box} | {d_r1} | "
+                     f"{len(row['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def scatter_plot(rows: dict, path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharex=True, sharey=True)
+    groups = (("method", "Methods"), ("ablation", "HarmoCLIP ablations"))
+    palette = [*plt.get_cmap("tab10").colors, "navy", "olive"]  # distinct hues, one per run in both panels
+    color = {name: "black" if name == PRETRAINED else palette[i % len(palette)] for i, name in enumerate(rows)}
+    for ax, (group, heading) in zip(axes, groups):
+        shown = [n for n, r in rows.items() if r["group"] in (group, "start") or n in ("clip", "harmoclip")]
+        for name in shown:
+            row = rows[name]
+            x, y = row["mean"]["box_top1"], row["mean"]["r1_mean"]
+            marker = {"start": "*", "method": "o", "ablation": "s"}[row["group"]]
+            ax.errorbar(x, y, xerr=row["std"]["box_top1"], yerr=row["std"]["r1_mean"], fmt=marker,
+                        ms=13 if marker == "*" else 7, color=color[name], capsize=3, label=row["label"],
+                        zorder=3 if name == PRETRAINED else 2)
+            ax.scatter(row["per_seed"]["box_top1"], row["per_seed"]["r1_mean"], s=8, alpha=0.35, color=color[name])
+        ax.set_title(heading)
+        ax.set_xlabel("box classification top-1 (per-class mean, held-out)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5, loc="best")
+    axes[0].set_ylabel("retrieval R@1 (mean of text→image and image→text)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: dict, study: Study, report_dir: pathlib.Path, command: str) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows, study)
+    (report_dir / "tradeoff.md").write_text(f"<!-- regenerate: {command} -->\n{table}")
+    (report_dir / "tradeoff.json").write_text(json.dumps({"study": dataclasses.asdict(study), "command": command,
+                                                          "date": time.strftime("%Y-%m-%d"), "runs": rows},
+                                                         indent=1))
+    scatter_plot(rows, report_dir / "tradeoff.png", f"{study.dataset}, {study.variant}: {study.finetune_steps} steps "
+                 f"from a GC-pretrained CLIP, {len(study.seeds)} seeds (bars: std; dots: seeds)")
+    base = rows.get("clip")
+    for name, row in rows.items():  # one JSON line per run, the benchmark format (reference: GC-only CLIP)
+        for metric in ("box_top1", "r1_mean"):
+            ref = base["mean"][metric] if base else None
+            print(json.dumps({"bench": "tradeoff", "case": {"run": name, "metric": metric, "seeds": row["seeds"]},
+                              "unit": metric, "ours": round(row["mean"][metric], 4),
+                              "ours_std": round(row["std"][metric], 4),
+                              "reference": None if ref is None else round(ref, 4),
+                              "reference_name": "clip (GC only, same steps)",
+                              "speedup": None if not ref else round(row["mean"][metric] / ref, 3)}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "tradeoff"), help="runs and checkpoints")
+    parser.add_argument("--report_dir", default=str(ROOT / "docs"), help="where tradeoff.{md,json,png} go")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies pretraining and fine-tuning steps")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--dataset", default=None, help="default scenes/small; scenes/default has 5x the images")
+    parser.add_argument("--variant", default=None, help="default ViT-Ti/8@64; e.g. ViT-S/8@64 (models/variants.py)")
+    parser.add_argument("--only", default="", help=f"comma-separated runs (default all): {','.join(RUN_NAMES)}")
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    parser.add_argument("--report_only", action="store_true", help="only redraw the report from finished runs")
+    parser.add_argument("--smoke", action="store_true", help="tiny model/dataset, 2 steps: checks the plumbing")
+    args = parser.parse_args(argv)
+
+    names = tuple(n.strip() for n in args.only.split(",") if n.strip()) or RUN_NAMES
+    unknown = [n for n in names if n not in RUN_NAMES]
+    if unknown:
+        parser.error(f"--only: unknown runs {unknown}; choose from {', '.join(RUN_NAMES)}")
+    if args.smoke:
+        study = Study.smoke(args.seeds, args.data_dir)
+    else:
+        study = Study.default(args.scale, args.seeds, args.data_dir, args.dataset, args.variant)
+    workdir = pathlib.Path(args.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # A workdir belongs to one study: mixing steps or datasets would average incomparable runs.
+    stamp = workdir / "study.json"
+    described = json.dumps({k: v for k, v in dataclasses.asdict(study).items() if k not in ("seeds", "data_dir")},
+                           sort_keys=True)
+    if stamp.exists() and stamp.read_text() != described:
+        raise SystemExit(f"{workdir} holds a study with other settings ({stamp.read_text()}); use another "
+                         f"--workdir for {described}")
+    stamp.write_text(described)
+    if not args.report_only:
+        run_study(study, workdir, names)
+    rows = collect(workdir, study)
+    if not rows:
+        raise SystemExit(f"no finished runs in {workdir}; run without --report_only first")
+    options = [f"--scale {args.scale:g}" if args.scale != 1 else "", f"--seeds {args.seeds}" if args.seeds != 3 else "",
+               f"--dataset {args.dataset}" if args.dataset else "", f"--variant {args.variant}" if args.variant else "",
+               f"--only {args.only}" if args.only else "", "--smoke" if args.smoke else ""]
+    command = " ".join(["python benchmarks/tradeoff.py", *filter(None, options)])
+    write_report(rows, study, pathlib.Path(args.report_dir), command)
+    print(f"[tradeoff] report: {pathlib.Path(args.report_dir) / 'tradeoff.md'} (+ .png, .json)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
