@@ -207,7 +207,7 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.region.sampling_ratio = -1  # torchvision's adaptive sampling (FineCLIP)
     c.region.crop_scale = 1.5  # crops for fineclip/clipself: boxes enlarged 1.5x about their centre
     c.region.text_length = placeholder(int)  # encode region captions/lexemes from this many tokens (None: all)
-    c.region.concepts = []  # RegionCLIP concept names; empty = the training dataset's class_names
+    c.region.concepts = ()  # RegionCLIP concept names; empty = the training dataset's class_names
     c.region.concept_template = "a photo of a {}."
     # LRC with lrc_negatives="vocab": the most frequent training-split lexemes (workdir/lexeme_vocab.json)
     c.region.lexeme_vocab_size = 10000
@@ -223,14 +223,16 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1000
     c.optim.end_lr_fraction = 0.0
     c.optim.grad_clip_norm = 1.0  # 0 disables
-    c.optim.freeze = [TEXT_TOWER]  # regexes of frozen parameter paths
-    c.optim.no_decay = list(NO_DECAY)
+    # Sequences are tuples so `--config.optim.freeze="('text/.*',)"` works from the command line (ml_collections
+    # cannot override list fields); assigning a list in a config file is fine (it becomes a tuple).
+    c.optim.freeze = (TEXT_TOWER,)  # regexes of frozen parameter paths
+    c.optim.no_decay = tuple(NO_DECAY)
     c.optim.grad_accum_steps = 1  # micro-batches per step (each its own contrastive batch)
     c.optim.max_logit_scale = float(np.log(100.0))
 
-    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.mesh = (("data", -1), ("fsdp", 1))
     c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = [(".*", "fsdp")]
+    c.sharding.rules = ((".*", "fsdp"),)
     c.sharding.fsdp_min_size_mb = 4.0
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -32,7 +32,7 @@ def test_vitb16_protocol_values():
     assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (1e-5, 0.9, 0.98, 1e-6, 0.1)
     assert c.optim.warmup_steps == 1000 and c.optim.schedule == "cosine"
     assert c.batch_size == 256 and c.data.max_regions == 20 and c.model.image_size == 224
-    assert c.optim.freeze == [config_lib.TEXT_TOWER] and c.init.mode == "params"
+    assert c.optim.freeze == (config_lib.TEXT_TOWER,) and c.init.mode == "params"
     assert config_lib.load_config(str(ROOT / "configs/vitb16.py:res=336")).model.image_size == 336
 
 
@@ -68,3 +68,29 @@ def test_validate_rejects_bad_configs(change, message):
     change(c)
     with pytest.raises(ValueError, match=message):
         config_lib.validate(c, num_devices=8)
+
+
+def test_sequence_fields_can_be_overridden_from_the_command_line():
+    """ml_collections overrides tuple fields (not list ones): every sequence in the base config is a tuple."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["main", f"--config={ROOT / 'configs' / 'vitb16.py'}", "--config.optim.freeze=('text/.*', 'visual/conv1.*')",
+            "--config.optim.no_decay=('logit_scale',)", "--config.mesh=(('data', 2), ('fsdp', 4))",
+            "--config.sharding.rules=(('visual/.*', 'fsdp'), ('.*', 'replicate'))",
+            "--config.region.concepts=('red circle', 'blue star')"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    c = flag_values.config
+    assert c.optim.freeze == ("text/.*", "visual/conv1.*") and c.optim.no_decay == ("logit_scale",)
+    assert config_lib.mesh_shape(c.mesh, 8) == (("data", "fsdp"), (2, 4))
+    assert c.sharding.rules == (("visual/.*", "fsdp"), (".*", "replicate"))
+    assert c.region.concepts == ("red circle", "blue star")
+    def sequences(node, path=""):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                yield from sequences(value, f"{path}{key}.")
+            elif isinstance(value, list):
+                yield f"{path}{key}"
+    assert not list(sequences(config_lib.base_config())), "list fields cannot be overridden with --config.x=..."
