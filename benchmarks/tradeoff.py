@@ -162,12 +162,7 @@ def finetune_config(study: Study, run: Run, seed: int, init_dir: pathlib.Path):
     from harmoclip_jax import config_lib
 
     c = base_config(study, run.method)
-    for key, value in run.loss.items():
-        node = c.loss
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    c.loss.update_from_flattened_dict(run.loss)
     c.seed = c.data.seed = seed
     c.init.mode = "params"
     c.init.params_dir = str(init_dir)
@@ -181,6 +176,11 @@ def finetune_config(study: Study, run: Run, seed: int, init_dir: pathlib.Path):
 
 
 # ------------------------------------------------------------------------------------------------ running
+
+
+def _run_dir(workdir: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:
+    """Where one run lives: `runs/pretrained` (one, shared) or `runs/<name>/seed<k>`."""
+    return workdir / "runs" / name if name == PRETRAINED else workdir / "runs" / name / f"seed{seed}"
 
 
 def _result_path(run_dir: pathlib.Path) -> pathlib.Path:
@@ -217,7 +217,7 @@ def run_study(study: Study, workdir: pathlib.Path, names: tuple[str, ...]) -> No
     start = time.perf_counter()
     done_now = 0
     for index, (name, seed) in enumerate(todo):
-        run_dir = workdir / "runs" / name / (f"seed{seed}" if name != PRETRAINED else "")
+        run_dir = _run_dir(workdir, name, seed)
         if _result_path(run_dir).exists():
             continue
         elapsed = time.perf_counter() - start
@@ -229,7 +229,7 @@ def run_study(study: Study, workdir: pathlib.Path, names: tuple[str, ...]) -> No
             config = pretrain_config(study)
         else:
             run = next(r for r in RUNS if r.name == name)
-            config = finetune_config(study, run, seed, workdir / "runs" / PRETRAINED / "params")
+            config = finetune_config(study, run, seed, _run_dir(workdir, PRETRAINED) / "params")
         run_one(config, run_dir)
         done_now += 1
     print(f"[tradeoff] all {len(todo)} runs finished ({(time.perf_counter() - start) / 60:.1f} min this time)",
@@ -243,9 +243,8 @@ def collect(workdir: pathlib.Path, study: Study) -> dict:
     """{name: {"label", "group", "seeds": [...], "per_seed": {metric: [...]}, "mean": {...}, "std": {...}}} of the
     finished runs (a partial study reports what it has)."""
     rows = {}
-    entries = [(PRETRAINED, "Pretrained CLIP (the starting point)", "start", [workdir / "runs" / PRETRAINED])]
-    entries += [(r.name, r.label, r.group, [workdir / "runs" / r.name / f"seed{s}" for s in study.seeds])
-                for r in RUNS]
+    entries = [(PRETRAINED, "Pretrained CLIP (the starting point)", "start", [_run_dir(workdir, PRETRAINED)])]
+    entries += [(r.name, r.label, r.group, [_run_dir(workdir, r.name, s) for s in study.seeds]) for r in RUNS]
     for name, label, group, dirs in entries:
         results = [json.loads(_result_path(d).read_text()) for d in dirs if _result_path(d).exists()]
         if not results:
