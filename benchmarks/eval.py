@@ -163,14 +163,14 @@ def _ours(args, hf_dir):
 
     c = config_lib.base_config("clip")
     c.model.variant = args.variant
-    c.model.image_size = c.data.image_size = args.image_size
+    c.model.image_size = args.image_size
     c.data.dataset = args.dataset
     c.data.data_dir = args.data_dir
     c.eval_batch_size = args.batch
     trainer = train.build_trainer(c)
     model = convert.load_hf_clip(hf_dir)
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), trainer.state_shardings["params"])
-    context = evaluators.EvalContext(mesh=trainer.mesh, data_config=c.data, fns=trainer.eval_fns(),
+    context = evaluators.EvalContext(mesh=trainer.mesh, data_config=config_lib.data_config(c), fns=trainer.eval_fns(),
                                      eval_batch_size=args.batch)
     built = {
         case: evaluators.build(case, ml_collections.ConfigDict({"type": case, "dataset": args.dataset,

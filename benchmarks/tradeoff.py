@@ -133,7 +133,7 @@ def base_config(study: Study, method: str):
     c = config_lib.load_config(str(ROOT / "configs" / "demo.py") + (":smoke" if study.variant == "test-tiny" else ""))
     config_lib.set_method(c, method)
     c.model.variant = study.variant
-    c.model.image_size = c.data.image_size = study.image_size
+    c.model.image_size = study.image_size
     c.data.dataset = study.dataset
     c.data.data_dir = study.data_dir
     c.batch_size = study.batch_size
@@ -152,7 +152,7 @@ def pretrain_config(study: Study):
     c.total_steps = study.pretrain_steps
     c.optim.lr = study.pretrain_lr
     c.optim.warmup_steps = Study.warmup(study.pretrain_steps)
-    c.optim.freeze = []  # from scratch: both towers
+    c.optim.freeze_text_tower = False  # from scratch: both towers
     c.eval_every = study.pretrain_steps  # the final evaluation is the one reported
     c.checkpoint.every = max(1, study.pretrain_steps // 2)
     return c
@@ -169,7 +169,7 @@ def finetune_config(study: Study, run: Run, seed: int, init_dir: pathlib.Path):
     c.total_steps = study.finetune_steps
     c.optim.lr = study.finetune_lr
     c.optim.warmup_steps = Study.warmup(study.finetune_steps)
-    c.optim.freeze = [config_lib.TEXT_TOWER]
+    c.optim.freeze_text_tower = True
     c.eval_every = study.finetune_steps
     c.checkpoint.every = max(1, study.finetune_steps // 2)
     return c

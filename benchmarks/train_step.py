@@ -60,12 +60,11 @@ def ours(args, batch):
     import jax.numpy as jnp
 
     from harmoclip_jax import config_lib, losses, sharding, train
-    from harmoclip_jax.train import region_embeddings
+    from harmoclip_jax.ops.regions import region_embeddings
 
     c = config_lib.base_config("harmoclip")
     c.model.variant = args.variant
     c.model.image_size = args.size
-    c.data.image_size = args.size
     c.data.max_regions = args.boxes
     c.batch_size = c.eval_batch_size = args.batch
     c.total_steps = 10_000
@@ -100,7 +99,8 @@ def ours(args, batch):
         loss_config = c.loss
 
         def region_part(dense, b):
-            regions = region_embeddings(dense, b["boxes"], c.region, trainer.glue.patch_size)
+            regions = region_embeddings(dense, b["boxes"], stride=trainer.glue.patch_size,
+                                        output_size=c.region.output_size, sampling_ratio=c.region.sampling_ratio)
             lrc = losses.lexeme_region_contrastive_loss(regions, b["lexeme_embed"], b["box_mask"], b["lexeme_id"],
                                                         jnp.log(100.0), loss_config.lrc_duplicates)
             gr = losses.region_caption_loss(regions, b["region_text_embed"], b["box_mask"], jnp.log(100.0))

@@ -18,8 +18,6 @@ def get_config(arg=None):
     c.model.image_size = 64
     c.model.context_length = 48  # scenes captions need <= 46 tokens
     c.data.dataset = "scenes/small"
-    c.data.image_size = 64
-    c.data.context_length = 48
     c.data.max_regions = 4
     c.region.text_length = 16  # region captions <= 10 tokens, lexemes <= 4: no need for 48 positions
     c.data.eval_max_regions = 4
@@ -33,7 +31,7 @@ def get_config(arg=None):
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.05
-    c.optim.freeze = []  # from scratch: both towers train
+    c.optim.freeze_text_tower = False  # from scratch: both towers train
     c.checkpoint.every = 200
     c.evals.retrieval = dict(type="retrieval", dataset="scenes/small", split="val")
     c.evals.boxcls = dict(type="box_classification", dataset="scenes/small", split="val")

@@ -30,7 +30,6 @@ def coco_protocol(arg, variant, res, params_dir, batch_size, max_boxes):
                    "(or --open_clip FILE --variant ...), then pass --config.init.params_dir.")
     c.data.dataset = "coco_region_captions/proposals"
     c.data.data_dir = arg.data_dir or None
-    c.data.image_size = res
     c.data.max_regions = max_boxes
     c.data.eval_max_regions = 100
     c.data.num_workers = 4
@@ -41,7 +40,7 @@ def coco_protocol(arg, variant, res, params_dir, batch_size, max_boxes):
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
     c.optim.weight_decay = 0.1
     c.optim.warmup_steps = 1000
-    c.optim.freeze = [] if arg.train_text else [config_lib.TEXT_TOWER]
+    c.optim.freeze_text_tower = not arg.train_text
     c.optim.grad_accum_steps = arg.accum
     c.region.text_length = 32  # BLIP-2 region captions are short; checked per batch
     c.log_every = 50

@@ -1,49 +1,88 @@
-"""Orbax checkpoints of model parameters: a params-only export that loads with one call.
+"""Orbax checkpoints: a params-only export that loads with one call, and full training checkpoints.
 
 Layout of a params checkpoint directory:
-    DIR/clip_config.json   the architecture (`CLIPConfig.to_dict()`), so loading needs nothing else
-    DIR/params/            an Orbax StandardCheckpointer tree of the nnx.Param state (pure dict)
+    DIR/model.json         {"family": ..., "config": ...}: the backbone family and its architecture config
+    DIR/params/            an Orbax StandardCheckpointer tree of the model's parameters (pure dict)
+(Exports written before families existed have `clip_config.json` instead of `model.json`; they still load.)
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from harmoclip_jax.models.clip import CLIP, abstract_model
-from harmoclip_jax.models.variants import CLIPConfig, get_config
+from harmoclip_jax import workdir as workdir_lib
+from harmoclip_jax.models import glue, registry
 
-CONFIG_FILE = "clip_config.json"
+MODEL_FILE = "model.json"
+LEGACY_CLIP_FILE = "clip_config.json"
 PARAMS_DIR = "params"
 
 
-def save_params(model: CLIP, directory: str | os.PathLike, *, force: bool = False) -> pathlib.Path:
-    """Writes `model`'s parameters and architecture to `directory` (created; must not exist unless `force`)."""
+def save_params(model, directory: str | os.PathLike, *, force: bool = False) -> pathlib.Path:
+    """Writes `model`'s parameters, family and architecture to `directory` (created; must not exist unless
+    `force`)."""
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()) and not force:
         raise FileExistsError(f"{directory} exists and is not empty; pass force=True (--force) to overwrite")
+    backbone = registry.of_model(model)
     directory.mkdir(parents=True, exist_ok=True)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / PARAMS_DIR, params, force=True)
+        ckptr.save(directory / PARAMS_DIR, glue.params_of(model), force=True)
         ckptr.wait_until_finished()
-    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+    (directory / LEGACY_CLIP_FILE).unlink(missing_ok=True)
+    (directory / MODEL_FILE).write_text(json.dumps({"family": backbone.family, "config": model.config.to_dict()},
+                                                   indent=2))
     return directory
 
 
 def is_params_checkpoint(directory: str | os.PathLike) -> bool:
     directory = pathlib.Path(directory)
-    return (directory / CONFIG_FILE).exists() and (directory / PARAMS_DIR).exists()
+    return ((directory / MODEL_FILE).exists() or (directory / LEGACY_CLIP_FILE).exists()) and \
+        (directory / PARAMS_DIR).exists()
+
+
+def read_model_config(directory: str | os.PathLike, **overrides) -> tuple[Any, Any]:
+    """(Backbone, model config) of a params checkpoint; `overrides` as the family's `get_config` takes them."""
+    directory = pathlib.Path(directory)
+    if (directory / MODEL_FILE).exists():
+        record = json.loads((directory / MODEL_FILE).read_text())
+    else:
+        record = {"family": "clip", "config": json.loads((directory / LEGACY_CLIP_FILE).read_text())}
+    backbone = registry.get(record["family"])
+    return backbone, backbone.get_config(backbone.config_from_dict(record["config"]), **overrides)
+
+
+def restore_params(path: str | os.PathLike, abstract: Any, *, sharding: Callable | jax.sharding.Sharding | None = None,
+                   key: str | None = None) -> Any:
+    """Reads a params tree shaped like `abstract` (ShapeDtypeStructs) from an Orbax tree at `path`, or only the
+    subtree `key` of it (e.g. "params" of a training state: optimizer state and the rest stay on disk).
+    `sharding`: one Sharding for every array, or `(path, ShapeDtypeStruct) -> Sharding`; default: device 0."""
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+    else:
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding(p, x)), abstract)
+    if key is None:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path, target)
+    target = {key: target}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(path, args=args)[key]
 
 
 def load_params(directory: str | os.PathLike, *, sharding: Callable | jax.sharding.Sharding | None = None,
-                **overrides) -> CLIP:
-    """Loads a params checkpoint written by `save_params` (or `python -m harmoclip_jax.convert`).
+                **overrides):
+    """Loads a params checkpoint written by `save_params` (or `python -m harmoclip_jax.convert`) as a model of
+    its family.
 
     `overrides` change non-structural config fields (e.g. `dtype="bfloat16"`, `remat=True`). `sharding` is one
     `jax.sharding.Sharding` for every array, or a function `(path, ShapeDtypeStruct) -> Sharding`, so the
@@ -52,30 +91,17 @@ def load_params(directory: str | os.PathLike, *, sharding: Callable | jax.shardi
     directory = pathlib.Path(directory).absolute()
     if not is_params_checkpoint(directory):
         raise FileNotFoundError(
-            f"{directory} is not a harmoclip_jax params checkpoint: expected {CONFIG_FILE} and {PARAMS_DIR}/ "
+            f"{directory} is not a harmoclip_jax params checkpoint: expected {MODEL_FILE} and {PARAMS_DIR}/ "
             "(write one with harmoclip_jax.checkpoint.save_params or `python -m harmoclip_jax.convert`)")
-    config = get_config(CLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())), **overrides)
-    abstract = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if isinstance(sharding, jax.sharding.Sharding):
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    else:
-        target = jax.tree_util.tree_map_with_path(
-            lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding(p, x)), abstract)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(directory / PARAMS_DIR, target)
-    model = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
-    return model
+    backbone, config = read_model_config(directory, **overrides)
+    params = restore_params(directory / PARAMS_DIR, glue.abstract_params(backbone, config), sharding=sharding)
+    return glue.model_from_params(backbone, config, params)
 
 
 # ------------------------------------------------------------------------------------- training checkpoints
 
-STATE_ITEM = "state"
-DATA_ITEM = "data_iter"
+STATE_ITEM = workdir_lib.STATE_ITEM
+DATA_ITEM = workdir_lib.DATA_ITEM
 
 
 class TrainCheckpointer:
@@ -95,9 +121,6 @@ class TrainCheckpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_iterator=None) -> None:
         import grain

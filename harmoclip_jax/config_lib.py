@@ -76,7 +76,40 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------------------------ validate
 
 METHODS = losses.METHODS
-EVALUATOR_TYPES = ("retrieval", "box_classification")
+# Pipeline fields that other sections decide; `data_config(config)` fills them, so they are set once.
+DERIVED_DATA_FIELDS = {
+    "image_size": "config.model.image_size", "context_length": "config.model.context_length",
+    "image_mean": "the backbone family", "image_std": "the backbone family", "tokenizer": "the backbone family",
+    "batch_size": "config.batch_size (global)", "eval_batch_size": "config.eval_batch_size (global)",
+}
+
+
+def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.model` completed with today's defaults (configs saved before a field existed lack it)."""
+    model = base_config().model
+    model.update(dict(config.model))
+    return model
+
+
+def backbone(config: ml_collections.ConfigDict):
+    """The `Backbone` record of `config.model.family`."""
+    from harmoclip_jax.models import registry
+
+    return registry.get(model_section(config).family)
+
+
+def data_config(config: ml_collections.ConfigDict, process_count: int = 1) -> ml_collections.ConfigDict:
+    """The pipeline's config: `config.data` plus what the model decides (input size, text context, pixel
+    normalisation, tokenizer) and the per-process batch sizes."""
+    model, family = model_section(config), backbone(config)
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    data.image_size = model.image_size
+    data.context_length = model.context_length
+    data.image_mean, data.image_std = tuple(family.image_mean), tuple(family.image_std)
+    data.tokenizer = family.tokenizer
+    data.batch_size = config.batch_size // process_count
+    data.eval_batch_size = config.eval_batch_size // process_count
+    return data
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -107,6 +140,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[tuple[str, ...], tuple[in
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int = 1) -> None:
     """Rejects bad configs with a message that says which field to change, before anything compiles."""
+    family = backbone(config)  # raises for an unknown family
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r} is unknown; choose one of {METHODS}")
     losses.validate_loss_config(config.loss)
@@ -143,29 +177,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
                 re.compile(pattern)
             except re.error as error:
                 raise ValueError(f"config.optim.{pattern_list}: bad regex {pattern!r}: {error}") from None
+    from harmoclip_jax.evaluators import EVALUATORS
+
     for name, eval_config in config.evals.items():
-        if eval_config.type not in EVALUATOR_TYPES:
-            raise ValueError(f"config.evals.{name}.type={eval_config.type!r}; known evaluators: {EVALUATOR_TYPES}")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or 'bfloat16'")
+        if eval_config.type not in EVALUATORS:
+            raise ValueError(f"config.evals.{name}.type={eval_config.type!r}; known evaluators: {sorted(EVALUATORS)}")
+    family.get_config(config.model.variant, dtype=config.model.dtype)  # unknown variant / dtype: the family says
     if config.init.mode not in ("scratch", "params"):
         raise ValueError(f"config.init.mode={config.init.mode!r}; use 'scratch' or 'params' (a converted "
                          "checkpoint directory in config.init.params_dir)")
-    if config.data.image_size != config.model.image_size:
-        raise ValueError(f"config.data.image_size={config.data.image_size} differs from the model's "
-                         f"config.model.image_size={config.model.image_size}")
-    if config.data.context_length != config.model.context_length:
-        raise ValueError(f"config.data.context_length={config.data.context_length} differs from the model's "
-                         f"text context config.model.context_length={config.model.context_length}")
+    for field, source in DERIVED_DATA_FIELDS.items():
+        if field in config.data:
+            raise ValueError(f"config.data.{field} is set, but {source} decides it; remove config.data.{field}")
     if config.log_every <= 0 or config.checkpoint.every <= 0:
         raise ValueError("config.log_every and config.checkpoint.every must be positive")
 
 
 # ------------------------------------------------------------------------------------------- base config
-
-TEXT_TOWER = r"text/.*"
-# Never decayed (on top of every < 2-D array): embeddings and the temperature.
-NO_DECAY = (r".*positional_embedding", r".*class_embedding", r".*token_embedding", r"logit_scale")
 
 
 def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
@@ -185,7 +213,8 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.plot = True
 
     c.model = ml_collections.ConfigDict()
-    c.model.variant = "ViT-B/16"
+    c.model.family = "clip"  # backbone family (harmoclip_jax/models/registry.py)
+    c.model.variant = "ViT-B/16"  # a variant of that family
     c.model.image_size = 224
     c.model.context_length = 77
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
@@ -198,7 +227,8 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.init.hint = ""  # what to run to get the checkpoint (shown when it is missing)
 
     c.data = default_data_config()
-    c.data.image_size = c.model.image_size
+    for field in DERIVED_DATA_FIELDS:  # set from the model and the global sizes (`data_config`)
+        del c.data[field]
     c.data.max_regions = 20
     c.loss = losses.default_loss_config(method)
 
@@ -223,10 +253,11 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1000
     c.optim.end_lr_fraction = 0.0
     c.optim.grad_clip_norm = 1.0  # 0 disables
-    # Sequences are tuples so `--config.optim.freeze="('text/.*',)"` works from the command line (ml_collections
-    # cannot override list fields); assigning a list in a config file is fine (it becomes a tuple).
-    c.optim.freeze = (TEXT_TOWER,)  # regexes of frozen parameter paths
-    c.optim.no_decay = tuple(NO_DECAY)
+    c.optim.freeze_text_tower = True  # the backbone's text tower (FineCLIP/CLIPSelf protocol)
+    # Sequences are tuples so `--config.optim.freeze="('visual/conv1.*',)"` works from the command line
+    # (ml_collections cannot override list fields); assigning a list in a config file is fine (it becomes a tuple).
+    c.optim.freeze = ()  # more regexes of frozen parameter paths
+    c.optim.no_decay = ()  # regexes of parameters without weight decay, on top of the backbone's own
     c.optim.grad_accum_steps = 1  # micro-batches per step (each its own contrastive batch)
     c.optim.max_logit_scale = float(np.log(100.0))
 

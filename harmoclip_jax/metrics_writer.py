@@ -7,18 +7,20 @@ import pathlib
 
 import ml_collections
 
+from harmoclip_jax import workdir as workdir_lib
+
 
 class MetricsWriter:
     """Appends one JSON line per record; `truncate_after(step)` drops records of steps a resumed run redoes."""
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, filename: str = workdir_lib.METRICS):
         self.path = pathlib.Path(workdir) / filename
         self.enabled = enabled
         self._file = None
 
     def write_config(self, config: ml_collections.ConfigDict) -> None:
         if self.enabled:
-            (self.path.parent / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+            (self.path.parent / workdir_lib.CONFIG).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
     def truncate_after(self, step: int) -> None:
         """Keeps only records with `step <= step` (a resumed run rewrites the later ones)."""

@@ -1,9 +1,10 @@
 """The optax optimizer from `config.optim`: AdamW with a weight-decay mask, warmup + cosine, clipping, freezing.
 
 Parameters are addressed by their '/'-joined path in the params dict ('text/transformer/blocks/0/attn/qkv/kernel',
-'logit_scale'). `config.optim.freeze` regexes (full match) select frozen parameters: they get no update, no
-optimizer state and no gradient computation. `config.optim.no_decay` regexes select parameters without weight
-decay; every array with fewer than 2 dimensions (biases, LayerNorm scales, logit_scale) is never decayed either.
+'logit_scale'). Frozen parameters (the backbone's text tower when `config.optim.freeze_text_tower`, and whatever
+the `config.optim.freeze` regexes match in full) get no update, no optimizer state and no gradient computation.
+Weight decay skips the backbone's `no_decay` parameters, those `config.optim.no_decay` matches, and every array
+with fewer than 2 dimensions (biases, LayerNorm scales, logit_scale).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax
 import ml_collections
 import optax
 
+from harmoclip_jax.models.backbone import Backbone
 from harmoclip_jax.sharding import path_str
 
 
@@ -49,15 +51,23 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: int
+def parameter_rules(optim: ml_collections.ConfigDict, backbone: Backbone) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(freeze, no_decay) regexes of `config.optim` for a model of `backbone`'s family."""
+    freeze = tuple(optim.freeze) + ((backbone.text_tower_regex,) if optim.freeze_text_tower else ())
+    return freeze, tuple(backbone.no_decay) + tuple(optim.no_decay)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: int, backbone: Backbone
                    ) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
     """Returns (transformation, learning-rate schedule, trainable mask) for `params` (arrays or shapes)."""
     schedule = learning_rate_schedule(optim, total_steps)
-    train = trainable_mask(params, optim.freeze)
+    freeze, no_decay = parameter_rules(optim, backbone)
+    train = trainable_mask(params, freeze)
     if not any(jax.tree.leaves(train)):
-        raise ValueError(f"config.optim.freeze={list(optim.freeze)} freezes every parameter; nothing to train")
+        raise ValueError(f"config.optim.freeze={list(optim.freeze)} with freeze_text_tower={optim.freeze_text_tower} "
+                         "freezes every parameter; nothing to train")
     adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                        mask=decay_mask(params, optim.no_decay))
+                        mask=decay_mask(params, no_decay))
     parts = [optax.clip_by_global_norm(optim.grad_clip_norm)] if optim.grad_clip_norm else []
     labels = jax.tree.map(lambda t: "train" if t else "frozen", train)
     tx = optax.multi_transform({"train": optax.chain(*parts, adamw), "frozen": optax.set_to_zero()}, labels)

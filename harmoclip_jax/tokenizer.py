@@ -319,6 +319,16 @@ def default_tokenizer() -> Tokenizer:
     return Tokenizer.default()
 
 
+# Tokenizers by name (`Backbone.tokenizer`, the pipeline's `config.data.tokenizer`): name -> shared instance.
+TOKENIZERS = {"clip": default_tokenizer}
+
+
+def get_tokenizer(name: str) -> Tokenizer:
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; known: {', '.join(sorted(TOKENIZERS))}")
+    return TOKENIZERS[name]()
+
+
 def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
     """open_clip-identical CLIP token ids: np.int32 (N, context_length), SOT/EOT, pad 0.
 

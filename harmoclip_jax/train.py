@@ -30,12 +30,15 @@ from flax import nnx
 
 from harmoclip_jax import checkpoint as ckpt_lib
 from harmoclip_jax import config_lib, distributed, evaluators, losses, optim, sharding
+from harmoclip_jax import workdir as workdir_lib
 from harmoclip_jax.metrics_writer import MetricsWriter
-from harmoclip_jax.models.clip import CLIP, abstract_model
-from harmoclip_jax.models.variants import CLIPConfig, get_config
-from harmoclip_jax.ops.boxes import enlarge_boxes
-from harmoclip_jax.ops.roi_align import roi_align
+from harmoclip_jax.models import glue as glue_lib
+from harmoclip_jax.models import registry
+from harmoclip_jax.models.backbone import ImageTextModel
+from harmoclip_jax.models.glue import ModelGlue
+from harmoclip_jax.ops.regions import box_crops, region_embeddings
 from harmoclip_jax.text_cache import TextEmbeddingCache, fingerprint
+from harmoclip_jax.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:  # the data modules import grain; train imports them when it runs
     from harmoclip_jax.data.lexeme_vocab import LexemeVocab
@@ -51,61 +54,16 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or gradient norm became NaN/inf; training stopped without saving the bad state."""
 
 
-# -------------------------------------------------------------------------------------------- model glue
+# ------------------------------------------------------------------------------------------- model outputs
 
 
-def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
-    """The CLIPConfig of `config.model` (variant + image size, text context, dtype, remat)."""
-    m = config.model
-    return get_config(m.variant, image_size=m.image_size, text_context_length=m.context_length, dtype=m.dtype,
-                      remat=m.remat, attention_impl=m.attention_impl)
+def _regions(dense: jax.Array, boxes: jax.Array, region: ml_collections.ConfigDict, stride: int) -> jax.Array:
+    return region_embeddings(dense, boxes, stride=stride, output_size=region.output_size,
+                             sampling_ratio=region.sampling_ratio)
 
 
-class ModelGlue:
-    """Converts between the pure params dict (what the state holds) and an NNX `CLIP` (what computes)."""
-
-    def __init__(self, clip_config: CLIPConfig):
-        self.clip_config = clip_config
-        self.graphdef, abstract_state = nnx.split(abstract_model(clip_config))
-        self.abstract_params = nnx.to_pure_dict(abstract_state)
-        self._treedef = jax.tree.structure(abstract_state)
-        # unflatten(leaves(params)) below relies on both trees listing leaves in the same order.
-        state_paths = [sharding.path_str(p).removesuffix("/value")
-                       for p, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
-        dict_paths = [sharding.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]]
-        if state_paths != dict_paths:
-            raise RuntimeError("nnx state and its pure dict flatten in different orders; update ModelGlue")
-
-    def merge(self, params: Any) -> CLIP:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, jax.tree.leaves(params)))
-
-    def init_params(self, seed: int) -> Any:
-        return nnx.to_pure_dict(nnx.state(CLIP(self.clip_config, rngs=nnx.Rngs(seed)), nnx.Param))
-
-    @property
-    def patch_size(self) -> int:
-        return self.clip_config.vision.patch_size
-
-
-def region_embeddings(dense: jax.Array, boxes: jax.Array, region: ml_collections.ConfigDict,
-                      patch_size: int) -> jax.Array:
-    """(B,h,w,E) dense features, (B,T,4) pixel boxes -> (B,T,E) RoIAlign-pooled region embeddings."""
-    pooled = roi_align(dense, boxes, output_size=region.output_size, spatial_scale=1.0 / patch_size,
-                       sampling_ratio=region.sampling_ratio, aligned=True)
-    return pooled.mean(axis=(2, 3))
-
-
-def box_crops(images: jax.Array, boxes: jax.Array, scale: float) -> jax.Array:
-    """(B,S,S,3), (B,T,4) -> (B*T,S,S,3): each box enlarged `scale`x (clipped to the image), bilinearly resized
-    to the model input. RoIAlign with one sample per output pixel is exactly that resize, as matmuls."""
-    b, s = images.shape[0], images.shape[1]
-    big = enlarge_boxes(boxes, scale, image_size=(s, s))
-    crops = roi_align(images, big, output_size=(s, s), spatial_scale=1.0, sampling_ratio=1, aligned=True)
-    return crops.reshape(b * boxes.shape[1], s, s, images.shape[-1])
-
-
-def compute_outputs(model: CLIP, teacher: CLIP | None, batch: dict, consts: dict, needed: set[str],
-                    region: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+def compute_outputs(model: ImageTextModel, teacher: ImageTextModel | None, batch: dict, consts: dict,
+                    needed: set[str], region: ml_collections.ConfigDict) -> dict[str, jax.Array]:
     """The loss inputs (`losses` module contract) that `needed` names, from one batch."""
     out: dict[str, jax.Array] = {}
     images, patch = batch["image"], model.config.vision.patch_size
@@ -115,7 +73,7 @@ def compute_outputs(model: CLIP, teacher: CLIP | None, batch: dict, consts: dict
             out["image_embed"], dense = model.encode_dense(images, return_global=True)
         else:
             dense = model.encode_dense(images)
-        out["region_embed"] = region_embeddings(dense, batch["boxes"], region, patch)
+        out["region_embed"] = _regions(dense, batch["boxes"], region, patch)
     elif "image_embed" in needed:
         out["image_embed"] = model.encode_image(images)
     for key, name in TEXT_INPUTS.items():
@@ -133,7 +91,7 @@ def compute_outputs(model: CLIP, teacher: CLIP | None, batch: dict, consts: dict
             out["teacher_crop_embed"] = jax.lax.stop_gradient(teacher.encode_image(crops).reshape(b, t, -1))
     if "teacher_region_embed" in needed:
         dense = teacher.encode_dense(images)
-        out["teacher_region_embed"] = jax.lax.stop_gradient(region_embeddings(dense, batch["boxes"], region, patch))
+        out["teacher_region_embed"] = jax.lax.stop_gradient(_regions(dense, batch["boxes"], region, patch))
     for name in ("concept", "lexeme_vocab"):  # constant text sets: cached embeddings, or tokens encoded here
         if f"{name}_embed" in needed:
             out[f"{name}_embed"] = consts[f"{name}_embed"] if f"{name}_embed" in consts else \
@@ -154,7 +112,6 @@ class Trainer:
     mesh: jax.sharding.Mesh
     glue: ModelGlue
     tx: optax.GradientTransformation
-    schedule: optax.Schedule
     train_mask: Any
     needed: set[str]
     text_frozen: bool
@@ -179,34 +136,39 @@ class Trainer:
             state = {"opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32),
                      "rng": jax.random.key_data(jax.random.key(self.config.seed))}
             if self.uses_teacher:
-                state["teacher"] = jax.tree.map(jnp.copy, p["visual"])
+                state["teacher"] = jax.tree.map(jnp.copy, p[self.glue.image_tower])
             return state
 
         out_sh = {k: v for k, v in sh.items() if k != "params"}
         return {"params": params, **jax.jit(rest, out_shardings=out_sh)(params)}
 
+    def tokenize(self, texts) -> np.ndarray:
+        """Token ids of `texts` for this model (its family's tokenizer at config.model.context_length)."""
+        return get_tokenizer(self.glue.backbone.tokenizer)(list(texts), self.config.model.context_length)
+
     def eval_fns(self) -> evaluators.EvalFns:
         glue, region = self.glue, self.config.region
         p_sh, b_sh, repl = self.state_shardings["params"], self.batch_sharding, sharding.replicated(self.mesh)
 
-        def embed_captions(p, tokens):
+        def encode_captions(p, tokens):
             return glue.merge(p).encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:2], -1)
 
-        def embed_regions(p, images, boxes):
-            return region_embeddings(glue.merge(p).encode_dense(images), boxes, region, glue.patch_size)
+        def encode_regions(p, images, boxes):
+            return _regions(glue.merge(p).encode_dense(images), boxes, region, glue.patch_size)
 
-        embed_texts_jit = jax.jit(lambda p, t: glue.merge(p).encode_text(t), in_shardings=(p_sh, b_sh),
-                                  out_shardings=repl)
+        encode_texts_jit = jax.jit(lambda p, t: glue.merge(p).encode_text(t), in_shardings=(p_sh, b_sh),
+                                   out_shardings=repl)
 
-        def embed_texts(p, tokens: np.ndarray):
-            return embed_texts_jit(p, sharding.global_from_host(np.asarray(tokens), b_sh))
+        def encode_texts(p, tokens: np.ndarray):
+            return encode_texts_jit(p, sharding.global_from_host(np.asarray(tokens), b_sh))
 
         return evaluators.EvalFns(
-            embed_images=jax.jit(lambda p, x: glue.merge(p).encode_image(x), in_shardings=(p_sh, b_sh),
-                                 out_shardings=repl),
-            embed_captions=jax.jit(embed_captions, in_shardings=(p_sh, b_sh), out_shardings=repl),
-            embed_regions=jax.jit(embed_regions, in_shardings=(p_sh, b_sh, b_sh), out_shardings=repl),
-            embed_texts=embed_texts,
+            encode_images=jax.jit(lambda p, x: glue.merge(p).encode_image(x), in_shardings=(p_sh, b_sh),
+                                  out_shardings=repl),
+            encode_captions=jax.jit(encode_captions, in_shardings=(p_sh, b_sh), out_shardings=repl),
+            encode_regions=jax.jit(encode_regions, in_shardings=(p_sh, b_sh, b_sh), out_shardings=repl),
+            encode_texts=encode_texts,
+            tokenize=self.tokenize,
         )
 
 
@@ -224,7 +186,7 @@ def make_train_step(config, glue: ModelGlue, tx, schedule, train_mask, needed, u
         # Frozen parameters get no gradient: XLA then drops their backward computation entirely.
         params = jax.tree.map(lambda p, trained: p if trained else jax.lax.stop_gradient(p), params, train_mask)
         model = glue.merge(params)
-        teacher_model = glue.merge({**params, "visual": teacher}) if uses_teacher else None
+        teacher_model = glue.merge({**params, glue.image_tower: teacher}) if uses_teacher else None
         outputs = compute_outputs(model, teacher_model, batch, consts, needed, config.region)
         total, terms = losses.total_loss(config.loss, outputs, batch)
         if nan_step >= 0:
@@ -272,10 +234,12 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     """Validates `config`, builds the mesh, abstract state, shardings, optimizer and the jitted train step."""
     mesh = mesh or sharding.make_mesh(config.mesh)
     config_lib.validate(config, num_devices=mesh.size, process_count=jax.process_count())
-    glue = ModelGlue(model_config(config))
-    tx, schedule, train_mask = optim.make_optimizer(config.optim, glue.abstract_params, config.total_steps)
+    backbone = config_lib.backbone(config)
+    glue = ModelGlue(backbone, backbone.config_for(config.model))
+    tx, schedule, train_mask = optim.make_optimizer(config.optim, glue.abstract_params, config.total_steps,
+                                                    backbone)
     needed = losses.required_outputs(config.loss)
-    text_frozen = not any(v for k, v in _flat(train_mask).items() if k.startswith("text/"))
+    text_frozen = not any(v for k, v in _flat(train_mask).items() if k.startswith(f"{backbone.text_tower}/"))
     uses_teacher = bool(needed & set(TEACHER_OUTPUTS))
 
     abstract = {"params": glue.abstract_params,
@@ -283,7 +247,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
                 "step": jax.ShapeDtypeStruct((), jnp.int32),
                 "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
     if uses_teacher:
-        abstract["teacher"] = glue.abstract_params["visual"]
+        abstract["teacher"] = glue.abstract_params[glue.image_tower]
     shardings = _state_shardings(abstract, mesh, config)
     for key in ("step", "rng"):
         shardings[key] = sharding.replicated(mesh)
@@ -293,7 +257,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     repl = sharding.replicated(mesh)
     jitted = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), repl),
                      out_shardings=(shardings, repl), donate_argnums=0)
-    return Trainer(config=config, mesh=mesh, glue=glue, tx=tx, schedule=schedule, train_mask=train_mask,
+    return Trainer(config=config, mesh=mesh, glue=glue, tx=tx, train_mask=train_mask,
                    needed=needed, text_frozen=text_frozen, uses_teacher=uses_teacher, abstract_state=abstract,
                    state_shardings=shardings, train_step=jitted)
 
@@ -356,7 +320,7 @@ def make_text_cache(trainer: Trainer, params, workdir: pathlib.Path, dataset: st
     if not (config.text_cache.enabled and trainer.text_frozen):
         return None
     host = sharding.to_host(params)
-    text_params = {k: v for k, v in _flat(host).items() if k.startswith("text/")}
+    text_params = {k: v for k, v in _flat(host).items() if k.startswith(f"{trainer.glue.backbone.text_tower}/")}
     key = fingerprint(text_params)
     # Encoding runs on one local device: processes miss different texts, so no collective may be involved.
     device = jax.local_devices()[0]
@@ -369,7 +333,7 @@ def make_text_cache(trainer: Trainer, params, workdir: pathlib.Path, dataset: st
         with jax.set_mesh(local_mesh):
             return np.asarray(encode(local, jax.device_put(tokens, device)))
 
-    directory = pathlib.Path(config.text_cache.dir or workdir / "text_cache")
+    directory = pathlib.Path(config.text_cache.dir or workdir / workdir_lib.TEXT_CACHE)
     name = dataset.replace("/", "_")
     return TextEmbeddingCache(encode_local, directory / f"{name}-{key}-p{jax.process_index()}.npz")
 
@@ -378,8 +342,6 @@ def make_consts(trainer: Trainer, cache: TextEmbeddingCache | None, class_names:
                 vocab: LexemeVocab | None = None) -> dict:
     """Step constants: the RegionCLIP concept names and the LRC lexeme vocabulary, as tokens (encoded in the step,
     so they follow a training text tower) or as embeddings computed once when the text tower is frozen."""
-    from harmoclip_jax.tokenizer import tokenize
-
     config = trainer.config
     texts = {}
     if "concept_embed" in trainer.needed:
@@ -395,7 +357,7 @@ def make_consts(trainer: Trainer, cache: TextEmbeddingCache | None, class_names:
         texts["lexeme_vocab"] = list(vocab.lexemes)
     consts = {}
     for name, strings in texts.items():
-        tokens = tokenize(strings, context_length=config.model.context_length)
+        tokens = trainer.tokenize(strings)
         if name == "lexeme_vocab":  # encoded exactly like the batch's lexemes (config.region.text_length)
             tokens = shorten_region_texts({"lexeme": tokens}, config.region.text_length)["lexeme"]
         if cache is not None:
@@ -414,7 +376,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
         path = config.init.params_dir
         if not path or not ckpt_lib.is_params_checkpoint(path):
             raise FileNotFoundError(
-                f"config.init.params_dir={path!r} is not a converted params checkpoint (clip_config.json + "
+                f"config.init.params_dir={path!r} is not a converted params checkpoint ({ckpt_lib.MODEL_FILE} + "
                 f"params/). {config.init.hint or ''}".strip())
     datasets = {config.data.dataset: [config.data.train_split]}
     for ev in config.evals.values():
@@ -426,10 +388,9 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
 
         evaluators.common.register_datasets(dataset)
         try:
-            builder = tfds.builder(dataset, data_dir=config.data.data_dir)
-            prepared = builder.is_prepared()
-        except Exception as error:  # noqa: BLE001 - unknown name / config: same advice
-            prepared, builder = False, error
+            prepared = tfds.builder(dataset, data_dir=config.data.data_dir).is_prepared()
+        except Exception:  # noqa: BLE001 - unknown name / config: same advice
+            prepared = False
         if not prepared:
             raise FileNotFoundError(
                 f"dataset {dataset!r} is not prepared in data_dir={config.data.data_dir!r}. Download the files "
@@ -507,9 +468,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains (resuming from `workdir` if it has a checkpoint), evaluates and exports; returns the final metrics."""
     workdir = pathlib.Path(workdir).absolute()
     config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
-    data_config = config.data
-    data_config.batch_size = config.batch_size // jax.process_count()
     trainer = build_trainer(config)
+    data_config = config_lib.data_config(config, jax.process_count())
     check_inputs(config)
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
@@ -525,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 pipeline.open_source(ev.dataset, ev.split, data_config.data_dir)
         distributed.barrier(f"datasets_ready:{workdir}")
     train_iter = pipeline.make_train_iterator(data_config)
-    checkpointer = ckpt_lib.TrainCheckpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+    checkpointer = ckpt_lib.TrainCheckpointer(workdir / workdir_lib.CHECKPOINTS, keep=config.checkpoint.keep,
                                               async_save=config.checkpoint.async_save)
     latest = checkpointer.latest_step()
     with jax.set_mesh(trainer.mesh):
@@ -549,11 +509,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                            .get("class_names") or [])
     vocab = None
     if "lexeme_vocab_embed" in trainer.needed:
-        vocab = lexeme_vocab.load_or_build(workdir / "lexeme_vocab.json", data_config.dataset, data_config.train_split,
+        vocab = lexeme_vocab.load_or_build(workdir / workdir_lib.LEXEME_VOCAB, data_config.dataset, data_config.train_split,
                                            data_config.data_dir, config.region.lexeme_vocab_size,
                                            config.region.lexeme_vocab_min_count, write=is_main)
         if is_main:
-            print(f"LRC against a vocabulary of {len(vocab)} lexemes ({workdir / 'lexeme_vocab.json'}); regions whose "
+            print(f"LRC against a vocabulary of {len(vocab)} lexemes ({workdir / workdir_lib.LEXEME_VOCAB}); regions whose "
                   "lexeme is outside it do not enter the LRC term", flush=True)
     consts = make_consts(trainer, cache, class_names, vocab)
     context = evaluators.EvalContext(mesh=trainer.mesh, data_config=data_config, fns=trainer.eval_fns(),
@@ -622,7 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 writer.write({"step": step, **final_metrics})
         checkpointer.wait()
         if config.checkpoint.export_params:
-            export_params(trainer, state["params"], workdir / "params")
+            export_params(trainer, state["params"], workdir / workdir_lib.PARAMS)
     finally:
         if progress is not None:
             progress.close()
@@ -635,7 +595,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if config.plot:
             from harmoclip_jax.plots import plot_metrics
 
-            plot_metrics(workdir / "metrics.jsonl", workdir / "curves.png")
+            plot_metrics(workdir / workdir_lib.METRICS, workdir / workdir_lib.CURVES)
         if final_metrics:
             print(format_table(final_metrics), flush=True)
     return final_metrics
@@ -643,13 +603,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def _load_init_params(trainer: Trainer, directory: str):
     shardings = _flat(trainer.state_shardings["params"])
+    model_config = trainer.glue.config
     model = ckpt_lib.load_params(directory, sharding=lambda p, _: shardings[sharding.path_str(p)],
-                                 dtype=trainer.glue.clip_config.dtype, remat=trainer.glue.clip_config.remat)
-    if model.config.vision != trainer.glue.clip_config.vision or model.config.text != trainer.glue.clip_config.text:
-        raise ValueError(f"config.init.params_dir={directory} holds a {model.config.vision} / {model.config.text} "
-                         f"model, but the config asks for {trainer.glue.clip_config.vision} / "
-                         f"{trainer.glue.clip_config.text}; convert it with matching --image_size or fix config.model")
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+                                 dtype=model_config.dtype, remat=model_config.remat)
+    if registry.of_model(model) is not trainer.glue.backbone or \
+            jax.tree.map(jnp.shape, glue_lib.params_of(model)) != jax.tree.map(jnp.shape, trainer.glue.abstract_params):
+        raise ValueError(f"config.init.params_dir={directory} holds a {type(model).__name__} with config "
+                         f"{model.config}, but the config asks for a {trainer.glue.backbone.family} model with "
+                         f"{model_config}; convert it with matching --image_size or fix config.model")
+    return glue_lib.params_of(model)
 
 
 def export_params(trainer: Trainer, params, directory: pathlib.Path) -> pathlib.Path:

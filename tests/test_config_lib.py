@@ -32,7 +32,7 @@ def test_vitb16_protocol_values():
     assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (1e-5, 0.9, 0.98, 1e-6, 0.1)
     assert c.optim.warmup_steps == 1000 and c.optim.schedule == "cosine"
     assert c.batch_size == 256 and c.data.max_regions == 20 and c.model.image_size == 224
-    assert c.optim.freeze == (config_lib.TEXT_TOWER,) and c.init.mode == "params"
+    assert c.optim.freeze_text_tower and c.optim.freeze == () and c.init.mode == "params"
     assert config_lib.load_config(str(ROOT / "configs/vitb16.py:res=336")).model.image_size == 336
 
 
@@ -60,7 +60,11 @@ def _demo():
     (lambda c: c.optim.update(grad_accum_steps=3), "grad_accum_steps=3"),
     (lambda c: c.optim.update(freeze=["text/("]), "bad regex"),
     (lambda c: c.evals.update(x={"type": "zero_shot", "dataset": "a", "split": "b"}), "known evaluators"),
-    (lambda c: c.data.update(image_size=96), "differs from the model's"),
+    (lambda c: c.data.update(image_size=96), "config.model.image_size decides it; remove config.data.image_size"),
+    (lambda c: c.data.update(batch_size=8), "config.batch_size .global. decides it"),
+    (lambda c: c.model.update(family="vgg"), "unknown backbone family 'vgg'.*registered: clip"),
+    (lambda c: c.model.update(variant="ViT-Q/3"), "unknown CLIP variant 'ViT-Q/3'"),
+    (lambda c: c.model.update(dtype="float64"), "dtype='float64'"),
     (lambda c: c.loss.update(method="clip"), "differs from config.method"),
 ])
 def test_validate_rejects_bad_configs(change, message):

@@ -76,7 +76,7 @@ def test_workdir_loads_latest_checkpoint_equal_to_params_export(workdir, predict
     assert predictor.region.output_size == export.region.output_size == 1
     earlier = Predictor.from_checkpoint(workdir, step=2)
     assert earlier.source.endswith("step 2")
-    assert np.abs(earlier.embed_texts(texts) - predictor.embed_texts(texts)).max() > 1e-4  # it trained
+    assert np.abs(earlier.encode_texts(texts) - predictor.encode_texts(texts)).max() > 1e-4  # it trained
     with pytest.raises(InputError, match=r"no training checkpoint at step 3; it has steps \[2, 4\]"):
         Predictor.from_checkpoint(workdir, step=3)
 
@@ -106,13 +106,16 @@ def test_hf_directory_and_open_clip_file(tmp_path):
 def test_embeddings_match_the_eval_pipeline_on_dataset_records(workdir, predictor, val_records):
     """A record's JPEG file through the API == the eval pipeline's batch through the trainer's functions."""
     from harmoclip_jax.data import pipeline
-    from harmoclip_jax.train import region_embeddings
+    from harmoclip_jax.ops.regions import region_embeddings
 
-    transform = pipeline.EvalTransform(source=val_records, record_indices=np.arange(3), image_size=64,
-                                       max_regions=4, num_captions=5, context_length=48, split_name="val")
+    inputs = pipeline.ModelInputs(image_size=64, image_mean=predictor.backbone.image_mean,
+                                  image_std=predictor.backbone.image_std, tokenizer="clip", context_length=48)
+    transform = pipeline.EvalTransform(source=val_records, record_indices=np.arange(3), inputs=inputs,
+                                       max_regions=4, num_captions=5, split_name="val")
     model = predictor.model
-    reference = jax.jit(lambda images, boxes: region_embeddings(model.encode_dense(images), boxes, predictor.region,
-                                                                patch_size=16))
+    reference = jax.jit(lambda images, boxes: region_embeddings(
+        model.encode_dense(images), boxes, stride=16, output_size=predictor.region.output_size,
+        sampling_ratio=predictor.region.sampling_ratio))
     for i in range(3):
         example, record = transform(i), val_records[i]
         path = workdir.parent / f"record{i}.jpg"
@@ -120,29 +123,30 @@ def test_embeddings_match_the_eval_pipeline_on_dataset_records(workdir, predicto
         width, height = Image.open(path).size
         n = int(example["box_mask"].sum())
         pixel_boxes = np.asarray(record["regions"]["box"]) * [width, height, width, height]
-        got = predictor.embed_regions(str(path), pixel_boxes)
+        [got] = predictor.encode_regions(str(path), pixel_boxes)
         want = reference(example["image"][None], example["boxes"][None])[0, :n]  # one shape: one compilation
         want = np.asarray(want) / np.linalg.norm(want, axis=-1, keepdims=True)
         np.testing.assert_allclose(got, want, atol=2e-5)
         image_embed = np.asarray(model.encode_image(example["image"][None]))
-        np.testing.assert_allclose(predictor.embed_images([path]), image_embed / np.linalg.norm(image_embed),
+        np.testing.assert_allclose(predictor.encode_images([path]), image_embed / np.linalg.norm(image_embed),
                                    atol=2e-5)
 
 
 def test_any_size_image_boxes_are_rescaled_to_the_squashed_input(predictor):
     from harmoclip_jax.data.pipeline import decode_image
-    from harmoclip_jax.train import region_embeddings
+    from harmoclip_jax.ops.regions import region_embeddings
 
     image = _photo(1, 150, 90)  # (H=90, W=150) squashed to 64 x 64
     boxes = np.array([[0, 0, 150, 90], [15, 9, 75, 54]], np.float32)
     scaled = boxes * np.array([64 / 150, 64 / 90, 64 / 150, 64 / 90], np.float32)
-    want = region_embeddings(predictor.model.encode_dense(decode_image(image, 64)[None]), scaled[None],
-                             predictor.region, patch_size=16)[0]
+    want = region_embeddings(predictor.model.encode_dense(decode_image(image, 64)[None]), scaled[None], stride=16,
+                             output_size=predictor.region.output_size,
+                             sampling_ratio=predictor.region.sampling_ratio)[0]
     want = np.asarray(want) / np.linalg.norm(want, axis=-1, keepdims=True)
-    np.testing.assert_allclose(predictor.embed_regions(image, boxes), want, atol=2e-5)
+    np.testing.assert_allclose(predictor.encode_regions(image, boxes)[0], want, atol=2e-5)
     # PIL input and xywh boxes give the same numbers.
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
-    np.testing.assert_allclose(predictor.embed_regions(Image.fromarray(image), xywh, box_format="xywh"), want,
+    np.testing.assert_allclose(predictor.encode_regions(Image.fromarray(image), xywh, box_format="xywh")[0], want,
                                atol=2e-5)
 
 
@@ -159,7 +163,7 @@ def test_classify_regions_is_the_scaled_softmax_of_prompt_ensemble_cosines(predi
     text = np.array(model.encode_text(tokens)).reshape(len(LABELS), len(DEFAULT_TEMPLATES), -1)
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
     classes = text.mean(1) / np.linalg.norm(text.mean(1), axis=-1, keepdims=True)
-    regions = predictor.embed_regions(image, boxes)
+    [regions] = predictor.encode_regions(image, boxes)
     logits = np.exp(float(model.logit_scale[...])) * regions @ classes.T
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
@@ -179,18 +183,18 @@ def test_classify_regions_is_the_scaled_softmax_of_prompt_ensemble_cosines(predi
 def test_batches_are_padded_so_repeated_calls_do_not_recompile(predictor):
     predictor = Predictor(predictor.model, region=predictor.region, batch_size=4, text_batch_size=16, box_bucket=4)
     images = [_photo(10 + i, 40 + 7 * i, 30 + 11 * i) for i in range(7)]  # 7 sizes, 2 batches of 4
-    embeds = predictor.embed_images(images)
+    embeds = predictor.encode_images(images)
     for i in (0, 6):  # batching and padding do not change the numbers
-        np.testing.assert_allclose(embeds[i], predictor.embed_images([images[i]])[0], atol=2e-5)
+        np.testing.assert_allclose(embeds[i], predictor.encode_images([images[i]])[0], atol=2e-5)
     for n_boxes, n_labels in ((1, 2), (3, 5), (4, 3), (2, 1)):
         boxes = [[0, 0, 20 + i, 20 + i] for i in range(n_boxes)]
         predictor.classify_regions(images[3], boxes, [f"thing {j}" for j in range(n_labels)])
     texts = [f"a photo number {i}" for i in range(37)]  # 3 text batches of 16
-    predictor.embed_texts(texts)
+    predictor.encode_texts(texts)
     assert predictor.trace_counts == {"images": 1, "regions": 1, "texts": 1}
-    per_image = predictor.embed_regions(images[:5], [[[0, 0, 10, 10]]] * 4 + [[[0, 0, 9, 9]] * 6])
+    per_image = predictor.encode_regions(images[:5], [[[0, 0, 10, 10]]] * 4 + [[[0, 0, 9, 9]] * 6])
     assert [len(r) for r in per_image] == [1, 1, 1, 1, 6]
-    np.testing.assert_allclose(per_image[4][0], predictor.embed_regions(images[4], [[0, 0, 9, 9]])[0], atol=2e-5)
+    np.testing.assert_allclose(per_image[4][0], predictor.encode_regions(images[4], [[0, 0, 9, 9]])[0][0], atol=2e-5)
     assert predictor.trace_counts["regions"] == 2  # 6 boxes need the next bucket (8 slots): one more shape
 
 
@@ -202,7 +206,7 @@ def test_retrieve_over_a_folder(predictor, val_records, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     result = predictor.retrieve(["a red star", "a blue ring"], folder, top_k=3)
     assert result.images == [str(folder / f"{i:02d}.jpg") for i in range(5)]
-    texts, images = predictor.embed_texts(result.queries), predictor.embed_images(folder)
+    texts, images = predictor.encode_texts(result.queries), predictor.encode_images(folder)
     np.testing.assert_allclose(result.cosine, texts @ images.T, atol=1e-6)
     for q in range(2):
         np.testing.assert_array_equal(result.ranking[q], np.argsort(-result.cosine[q])[:3])
@@ -252,9 +256,9 @@ def test_bad_images_labels_and_checkpoints(predictor, tmp_path):
         (lambda: predictor.classify_regions(tmp_path / "missing.jpg", box, ["cat"]), "does not exist"),
         (lambda: predictor.classify_regions(image.astype(np.float32) / 255, box, ["cat"]), "must be uint8"),
         (lambda: predictor.classify_regions(image[..., :2], box, ["cat"]), r"\(H, W, 3\)"),
-        (lambda: predictor.embed_images(tmp_path / "empty_folder_that_is_missing"), "does not exist"),
+        (lambda: predictor.encode_images(tmp_path / "empty_folder_that_is_missing"), "does not exist"),
         (lambda: predictor.retrieve([], [image]), "query_texts is empty"),
-        (lambda: predictor.embed_regions([image, image], [box]), "2 images but 1 box lists"),
+        (lambda: predictor.encode_regions([image, image], [box]), "2 images but 1 box lists"),
         (lambda: Predictor.from_checkpoint(tmp_path / "nowhere"), "does not exist"),
         (lambda: Predictor.from_checkpoint(tmp_path), "not a checkpoint this loader knows"),
     ]
@@ -264,7 +268,7 @@ def test_bad_images_labels_and_checkpoints(predictor, tmp_path):
     truncated = tmp_path / "truncated.png"
     Image.fromarray(_photo(0, 64, 64)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
-    cases.append((lambda: predictor.embed_images([image, truncated]), "truncated.png.*cannot read the image"))
+    cases.append((lambda: predictor.encode_images([image, truncated]), "truncated.png.*cannot read the image"))
     for call, message in cases:
         with pytest.raises(InputError, match=message):
             call()

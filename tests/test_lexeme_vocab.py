@@ -6,6 +6,7 @@ import pytest
 from harmoclip_jax import config_lib, losses, sharding, train
 from harmoclip_jax.data import lexeme_vocab
 from harmoclip_jax.data.pipeline import lexeme_id
+from harmoclip_jax.ops.regions import region_embeddings
 from trainer_helpers import synthetic_batch, tiny_config
 
 
@@ -65,7 +66,7 @@ def test_train_step_classifies_regions_against_the_vocabulary(tmp_path, frozen_t
     config = tiny_config(warmup_steps=0)
     config.loss.lrc_negatives = "vocab"
     if frozen_text:
-        config.optim.freeze = [config_lib.TEXT_TOWER]
+        config.optim.freeze_text_tower = True
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 1)], devices=jax.devices()[:2])
     trainer = train.build_trainer(config, mesh)
     assert "lexeme_vocab_embed" in trainer.needed and "lexeme_embed" not in trainer.needed
@@ -86,8 +87,8 @@ def test_train_step_classifies_regions_against_the_vocabulary(tmp_path, frozen_t
                                         consts)
         # The same term from the losses module on the model's own outputs.
         model = trainer.glue.merge(state["params"])
-        region = train.region_embeddings(model.encode_dense(host["image"]), host["boxes"], config.region,
-                                         trainer.glue.patch_size)
+        region = region_embeddings(model.encode_dense(host["image"]), host["boxes"], stride=trainer.glue.patch_size,
+                                   output_size=config.region.output_size, sampling_ratio=config.region.sampling_ratio)
         vocab_embed = model.encode_text(train.make_consts(trainer, None, [], vocab)["lexeme_vocab_tokens"])
         want = losses.lexeme_vocab_contrastive_loss(region, vocab_embed, host["box_mask"], host["lexeme_id"],
                                                     model.logit_scale[...])

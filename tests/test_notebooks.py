@@ -50,7 +50,7 @@ def test_quickstart(tmp_path, monkeypatch):
     assert "t2i_r1" in text and "top1_micro" in text  # the tables
     assert "training checkpoint step 4: top-1 correct on" in text
     assert _images(notebook) == 2  # curves, labelled scenes
-    assert (tmp_path / "run" / "params" / "clip_config.json").exists()
+    assert (tmp_path / "run" / "params" / "model.json").exists()
 
 
 def test_load_checkpoint(tmp_path, monkeypatch):
@@ -68,7 +68,7 @@ def test_import_pretrained(tmp_path, monkeypatch):
     assert "RANDOM weights" in text and "wrote params checkpoint" in text
     assert "zero-shot:" in text and "fine-tuned" in text
     assert "fine-tuning test-tiny for 2 steps" in text
-    assert (tmp_path / "finetune" / "params" / "clip_config.json").exists()
+    assert (tmp_path / "finetune" / "params" / "model.json").exists()
 
 
 @pytest.mark.parametrize("name", ["quickstart", "load_checkpoint", "import_pretrained"])

@@ -38,7 +38,7 @@ def test_smoke_run_writes_everything_and_evaluates(tmp_path):
     proc = _main(workdir, "--config.plot=True", arg="smoke")
     assert "harmoclip_jax | method=harmoclip" in proc.stdout  # the one-line summary
     assert "final evaluation" in proc.stdout
-    for name in ("metrics.jsonl", "config.json", "curves.png", "params/clip_config.json"):
+    for name in ("metrics.jsonl", "config.json", "curves.png", "params/model.json"):
         assert (workdir / name).exists(), name
     records = read_metrics(workdir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]

@@ -101,7 +101,7 @@ def test_text_cache_gives_the_same_loss_as_encoding(tmp_path):
     """With the text tower frozen, cached embeddings replace token inputs without changing the loss."""
     mesh = _mesh(8, 1)
     config = tiny_config(warmup_steps=0)
-    config.optim.freeze = [config_lib.TEXT_TOWER]
+    config.optim.freeze_text_tower = True
     trainer = train.build_trainer(config, mesh)
     assert trainer.text_frozen
     batch = synthetic_batch(0)
@@ -132,19 +132,21 @@ def test_text_cache_gives_the_same_loss_as_encoding(tmp_path):
 
 
 def test_optimizer_masks():
-    from harmoclip_jax.models.clip import abstract_model
-    from flax import nnx
+    from harmoclip_jax.models import clip, glue
 
-    params = nnx.to_pure_dict(nnx.state(abstract_model("test-tiny"), nnx.Param))
+    params = glue.abstract_params(clip.BACKBONE, clip.get_config("test-tiny"))
+    optim_config = config_lib.base_config().optim
+    freeze, no_decay = optim.parameter_rules(optim_config, clip.BACKBONE)
+    assert freeze == ("text/.*",) and no_decay == clip.BACKBONE.no_decay  # the defaults: text tower frozen
     decay = {sharding.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(
-        optim.decay_mask(params, config_lib.NO_DECAY))[0]}
+        optim.decay_mask(params, no_decay))[0]}
     assert decay["visual/transformer/blocks/0/attn/qkv/kernel"]
     assert not decay["visual/transformer/blocks/0/attn/qkv/bias"]
     assert not decay["visual/ln_pre/scale"]
     assert not decay["text/token_embedding"] and not decay["visual/positional_embedding"]
     assert not decay["logit_scale"]
     trained = {sharding.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(
-        optim.trainable_mask(params, [config_lib.TEXT_TOWER]))[0]}
+        optim.trainable_mask(params, freeze))[0]}
     assert not trained["text/transformer/blocks/0/mlp/fc1/kernel"] and trained["visual/proj"]
     assert trained["logit_scale"]
 

@@ -17,15 +17,13 @@ def tiny_config(method="harmoclip", batch_size=16, **optim):
     c.model.variant = "test-tiny"
     c.model.image_size = 64
     c.model.context_length = 16
-    c.data.image_size = 64
-    c.data.context_length = 16
     c.data.max_regions = 3
     c.batch_size = batch_size
     c.eval_batch_size = batch_size
     c.total_steps = 10
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 2
-    c.optim.freeze = []
+    c.optim.freeze_text_tower = False
     c.sharding.fsdp_min_size_mb = 0.0  # shard even tiny arrays, so fsdp meshes really split parameters
     c.optim.update(optim)
     return c

@@ -3,7 +3,7 @@
 Train (`make_train_iterator`): source -> per-process shard -> seeded per-epoch shuffle -> repeat -> per-example
 transform -> skip bad records -> batch (drop remainder) -> optional multiprocess prefetch. One batch holds
 
-    image        (B, S, S, 3) float32   squashed to S x S, CLIP-normalised (OpenAI mean/std)
+    image        (B, S, S, 3) float32   squashed to S x S, normalised with the model's `image_mean`/`image_std`
     text         (B, 77) int32          one global caption, drawn per (seed, epoch, record)
     boxes        (B, T, 4) float32      xyxy in pixels of the S x S image; zeros where padded
     box_mask     (B, T) bool            True for real regions (a random subset of at most T)
@@ -31,6 +31,7 @@ were bad. Eval raises `BadRecordError` naming the record at the first problem.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -42,11 +43,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from harmoclip_jax.models.normalization import OPENAI_CLIP
+
 log = logging.getLogger(__name__)
 
-# OpenAI CLIP normalisation (also used by open_clip's OpenAI/EVA checkpoints).
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # Boxes may overshoot [0, 1] by float rounding; beyond this they are broken.
 _BOX_TOLERANCE = 1e-3
 # A box narrower than this many pixels of the resized image carries no region.
@@ -68,11 +68,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None = TFDS default
     config.train_split = "train"
     config.eval_split = "val"
+    # In experiments the model decides these five (`config_lib.data_config`); here the defaults of OpenAI CLIP.
     config.image_size = 224  # S: images are squashed to S x S (as FineCLIP)
+    config.context_length = 77
+    config.image_mean, config.image_std = OPENAI_CLIP  # of [0, 1] RGB pixels
+    config.tokenizer = "clip"  # a harmoclip_jax.tokenizer.TOKENIZERS name
     config.max_regions = 8  # T: regions per training image (random subset, padded with box_mask)
     config.eval_max_regions = 16  # regions per eval image; a record with more is an error, never truncated
     config.eval_captions = 5  # K: captions per eval image (COCO/Flickr: 5)
-    config.context_length = 77
     config.batch_size = 32  # per process
     config.eval_batch_size = 32  # per process
     config.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
@@ -105,19 +108,20 @@ def lexeme_id(text: str | bytes) -> int:
 class _TokenCache:
     """Tokenizes strings, remembering recent ones: lexemes and region captions repeat a lot."""
 
-    def __init__(self, context_length: int, max_entries: int = 200_000):
+    def __init__(self, tokenizer: str, context_length: int, max_entries: int = 200_000):
+        self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_entries = max_entries
         self._cache: dict[str, np.ndarray] = {}
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        from harmoclip_jax.tokenizer import tokenize  # imported lazily: workers import this module first
+        from harmoclip_jax.tokenizer import get_tokenizer  # imported lazily: workers import this module first
 
         missing = sorted({t for t in texts if t not in self._cache})
         if missing:
             if len(self._cache) + len(missing) > self.max_entries:
                 self._cache.clear()
-            for text, tokens in zip(missing, tokenize(missing, context_length=self.context_length)):
+            for text, tokens in zip(missing, get_tokenizer(self.tokenizer)(missing, self.context_length)):
                 self._cache[text] = tokens
         out = np.zeros((len(texts), self.context_length), np.int32)
         for row, text in enumerate(texts):
@@ -125,21 +129,24 @@ class _TokenCache:
         return out
 
 
-_TOKEN_CACHES: dict[int, _TokenCache] = {}
+_TOKEN_CACHES: dict[tuple[str, int], _TokenCache] = {}
 
 
-def _tokenize(texts: Sequence[str], context_length: int) -> np.ndarray:
-    if context_length not in _TOKEN_CACHES:
-        _TOKEN_CACHES[context_length] = _TokenCache(context_length)
-    return _TOKEN_CACHES[context_length](texts)
+def _tokenize(texts: Sequence[str], tokenizer: str, context_length: int) -> np.ndarray:
+    key = (tokenizer, context_length)
+    if key not in _TOKEN_CACHES:
+        _TOKEN_CACHES[key] = _TokenCache(tokenizer, context_length)
+    return _TOKEN_CACHES[key](texts)
 
 
 def _to_str(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def decode_image(image: Any, size: int) -> np.ndarray:
-    """Encoded bytes (or a uint8 HWC array) -> float32 (size, size, 3), squashed and CLIP-normalised."""
+def decode_image(image: Any, size: int, mean: Sequence[float] = OPENAI_CLIP[0],
+                 std: Sequence[float] = OPENAI_CLIP[1]) -> np.ndarray:
+    """Encoded bytes (or a uint8 HWC array) -> float32 (size, size, 3), squashed and normalised with the
+    per-channel `mean` / `std` of [0, 1] pixels (a model's `Backbone.image_mean` / `image_std`)."""
     if isinstance(image, np.ndarray):
         picture = Image.fromarray(image)
     else:
@@ -149,7 +156,30 @@ def decode_image(image: Any, size: int) -> np.ndarray:
     if picture.size != (size, size):
         picture = picture.resize((size, size), Image.BICUBIC)
     pixels = np.asarray(picture, dtype=np.float32) * np.float32(1 / 255)
-    return (pixels - CLIP_MEAN) / CLIP_STD
+    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+    """How records become inputs of one model: its input size S, pixel normalisation, tokenizer and text context
+    (the `config_lib.data_config` fields the model decides)."""
+
+    image_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    tokenizer: str
+    context_length: int
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "ModelInputs":
+        return cls(image_size=config.image_size, image_mean=tuple(config.image_mean),
+                   image_std=tuple(config.image_std), tokenizer=config.tokenizer, context_length=config.context_length)
+
+    def image(self, image: Any) -> np.ndarray:
+        return decode_image(image, self.image_size, self.image_mean, self.image_std)
+
+    def tokens(self, texts: Sequence[str]) -> np.ndarray:
+        return _tokenize(texts, self.tokenizer, self.context_length)
 
 
 def _check_boxes(boxes: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -196,10 +226,9 @@ class TrainTransform:
     does not depend on worker count or thread timing. Module-level class: multiprocess workers unpickle it.
     """
 
-    def __init__(self, *, image_size: int, max_regions: int, context_length: int, seed: int, epoch_length: int):
-        self.image_size = image_size
+    def __init__(self, *, inputs: ModelInputs, max_regions: int, seed: int, epoch_length: int):
+        self.inputs = inputs
         self.max_regions = max_regions
-        self.context_length = context_length
         self.seed = seed
         self.epoch_length = epoch_length
 
@@ -209,7 +238,7 @@ class TrainTransform:
         rng = np.random.default_rng([self.seed, epoch, record_index])
         problems: list[str] = []
         try:
-            image = decode_image(record["image"], self.image_size)
+            image = self.inputs.image(record["image"])
         except Exception as error:  # noqa: BLE001 - any decoder failure means the same: unusable image
             return _skip(record, record_index, [f"undecodable image ({type(error).__name__}: {error})"])
         captions = [_to_str(c) for c in record.get("captions", [])]
@@ -229,7 +258,7 @@ class TrainTransform:
             keep = np.sort(rng.choice(keep, size=self.max_regions, replace=False))
         caption = usable[int(rng.integers(len(usable)))]
 
-        t, s = self.max_regions, self.image_size
+        t, s = self.max_regions, self.inputs.image_size
         pixel_boxes = np.clip(boxes[keep], 0.0, 1.0) * np.float32(s)
         out_boxes = np.zeros((t, 4), np.float32)
         out_boxes[: len(keep)] = pixel_boxes
@@ -237,9 +266,9 @@ class TrainTransform:
         box_mask[: len(keep)] = True
         kept_captions = [region_captions[i] for i in keep]
         kept_lexemes = [lexemes[i] for i in keep]
-        tokens = _tokenize([caption] + kept_captions + kept_lexemes, self.context_length)
-        region_text = np.zeros((t, self.context_length), np.int32)
-        lexeme = np.zeros((t, self.context_length), np.int32)
+        tokens = self.inputs.tokens([caption] + kept_captions + kept_lexemes)
+        region_text = np.zeros((t, self.inputs.context_length), np.int32)
+        lexeme = np.zeros((t, self.inputs.context_length), np.int32)
         region_text[: len(keep)] = tokens[1: 1 + len(keep)]
         lexeme[: len(keep)] = tokens[1 + len(keep):]
         lexeme_ids = np.full((t,), -1, np.int32)
@@ -333,21 +362,20 @@ class SkipBadRecords(grain.IterDataset):
 class EvalTransform:
     """Position in the padded shard -> an eval example (padding beyond the shard). Strict: raises on bad data."""
 
-    def __init__(self, *, source: Sequence, record_indices: np.ndarray, image_size: int, max_regions: int,
-                 num_captions: int, context_length: int, split_name: str):
+    def __init__(self, *, source: Sequence, record_indices: np.ndarray, inputs: ModelInputs, max_regions: int,
+                 num_captions: int, split_name: str):
         self.source = source
         self.record_indices = record_indices
-        self.image_size = image_size
+        self.inputs = inputs
         self.max_regions = max_regions
         self.num_captions = num_captions
-        self.context_length = context_length
         self.split_name = split_name
 
     def __call__(self, position: int) -> dict:
-        s, t, k = self.image_size, self.max_regions, self.num_captions
+        s, t, k = self.inputs.image_size, self.max_regions, self.num_captions
         example = {
             "image": np.zeros((s, s, 3), np.float32),
-            "captions": np.zeros((k, self.context_length), np.int32),
+            "captions": np.zeros((k, self.inputs.context_length), np.int32),
             "caption_mask": np.zeros((k,), bool),
             "boxes": np.zeros((t, 4), np.float32),
             "box_mask": np.zeros((t,), bool),
@@ -365,14 +393,14 @@ class EvalTransform:
                                   "skip or repair records: fix the dataset (or evaluate on another split).")
 
         try:
-            example["image"] = decode_image(record["image"], s)
+            example["image"] = self.inputs.image(record["image"])
         except Exception as error:  # noqa: BLE001
             raise fail(f"undecodable image ({type(error).__name__}: {error})") from error
         captions = [_to_str(c) for c in record.get("captions", [])][:k]
         if any(not c.strip() for c in captions):
             raise fail(f"empty caption among {captions!r}")
         if captions:
-            example["captions"][: len(captions)] = _tokenize(captions, self.context_length)
+            example["captions"][: len(captions)] = self.inputs.tokens(captions)
             example["caption_mask"][: len(captions)] = True
         try:
             boxes, _, _, labels = _regions(record)
@@ -461,9 +489,8 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, data_dir: str | Non
                          f"(batch_size={config.batch_size} per process)")
     epoch_length = len(ds)
     ds = ds.seed(seed).shuffle().repeat(config.num_epochs)
-    ds = ds.map_with_index(TrainTransform(image_size=config.image_size, max_regions=config.max_regions,
-                                          context_length=config.context_length, seed=seed,
-                                          epoch_length=epoch_length))
+    ds = ds.map_with_index(TrainTransform(inputs=ModelInputs.from_config(config), max_regions=config.max_regions,
+                                          seed=seed, epoch_length=epoch_length))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.read_buffer_size))
     ds = SkipBadRecords(ds, config.max_bad_fraction, config.bad_check_after)
@@ -486,9 +513,9 @@ def make_eval_dataset(config: ml_collections.ConfigDict, *, split: str | None = 
         source = open_source(config.dataset, split, data_dir or config.data_dir)
     record_indices = np.arange(len(source))[process_index::process_count]
     batches = num_eval_batches(config, len(source), process_count)
-    transform = EvalTransform(source=source, record_indices=record_indices, image_size=config.image_size,
+    transform = EvalTransform(source=source, record_indices=record_indices, inputs=ModelInputs.from_config(config),
                               max_regions=config.eval_max_regions, num_captions=config.eval_captions,
-                              context_length=config.context_length, split_name=f"{config.dataset}:{split}")
+                              split_name=f"{config.dataset}:{split}")
     ds = grain.MapDataset.range(batches * config.eval_batch_size).map(transform)
     ds = ds.batch(config.eval_batch_size, drop_remainder=True)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,

@@ -74,17 +74,16 @@ def box_classification_metrics(scores: np.ndarray, labels: np.ndarray, is_thing:
     return out
 
 
-def class_embeddings(embed_texts, params, class_names: Sequence[str], templates: Sequence[str],
-                     context_length: int, multiple: int) -> np.ndarray:
+def class_embeddings(encode_texts, params, class_names: Sequence[str], templates: Sequence[str], tokenize,
+                     multiple: int) -> np.ndarray:
     """(C, E) normalised prompt-ensemble embeddings (see module doc). `multiple` pads the text batch for sharding."""
     from harmoclip_jax.sharding import to_host
-    from harmoclip_jax.tokenizer import tokenize
 
     texts = [t.format(name) for name in class_names for t in templates]
-    tokens = tokenize(texts, context_length=context_length)
+    tokens = tokenize(texts)
     pad = (-len(tokens)) % multiple
     tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
-    embed = to_host(embed_texts(params, tokens))[: len(texts)]
+    embed = to_host(encode_texts(params, tokens))[: len(texts)]
     mean = l2_normalize(embed).reshape(len(class_names), len(templates), -1).mean(1)
     return l2_normalize(mean)
 
@@ -106,10 +105,10 @@ class BoxClassificationEvaluator:
 
     def run(self, params) -> dict[str, float]:
         ctx = self.context
-        classes = class_embeddings(ctx.fns.embed_texts, params, self.class_names, self.templates,
-                                   ctx.data_config.context_length, ctx.mesh.size)
+        classes = class_embeddings(ctx.fns.encode_texts, params, self.class_names, self.templates, ctx.fns.tokenize,
+                                   ctx.mesh.size)
         rows = collect(ctx, self.config, params,
-                       lambda p, batch: {"region": ctx.fns.embed_regions(p, batch["image"], batch["boxes"])},
+                       lambda p, batch: {"region": ctx.fns.encode_regions(p, batch["image"], batch["boxes"])},
                        keep=("box_mask", "label"))
         valid = rows["box_mask"].astype(bool) & (rows["label"] >= 0)
         regions = rows["region"][valid]

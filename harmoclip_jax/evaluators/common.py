@@ -14,16 +14,18 @@ from harmoclip_jax.data import pipeline
 
 @dataclasses.dataclass
 class EvalFns:
-    """Jitted embedding functions of the current model; every output is replicated on all devices.
+    """Jitted encoders of the current model (outputs replicated on all devices), and its tokenizer.
 
-    embed_images(params, images (B,S,S,3)) -> (B,E); embed_captions(params, tokens (B,K,L)) -> (B,K,E);
-    embed_regions(params, images, boxes (B,T,4)) -> (B,T,E); embed_texts(params, tokens (N,L)) -> (N,E).
+    encode_images(params, images (B,S,S,3)) -> (B,E); encode_captions(params, tokens (B,K,L)) -> (B,K,E);
+    encode_regions(params, images, boxes (B,T,4)) -> (B,T,E); encode_texts(params, tokens (N,L)) -> (N,E);
+    tokenize(texts) -> (N, L) int32 token ids for this model.
     """
 
-    embed_images: Callable
-    embed_captions: Callable
-    embed_regions: Callable
-    embed_texts: Callable
+    encode_images: Callable
+    encode_captions: Callable
+    encode_regions: Callable
+    encode_texts: Callable
+    tokenize: Callable[[Sequence[str]], np.ndarray]
 
 
 @dataclasses.dataclass

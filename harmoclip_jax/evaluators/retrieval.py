@@ -62,8 +62,8 @@ class RetrievalEvaluator:
     def run(self, params) -> dict[str, float]:
         ctx = self.context
         rows = collect(ctx, self.config, params, lambda p, batch: {
-            "image": ctx.fns.embed_images(p, batch["image"]),
-            "caption": ctx.fns.embed_captions(p, batch["captions"]),
+            "image": ctx.fns.encode_images(p, batch["image"]),
+            "caption": ctx.fns.encode_captions(p, batch["captions"]),
         }, keep=("caption_mask",))
         images, caption_embed, caption_mask = rows["image"], rows["caption"], rows["caption_mask"]
         n, k = caption_mask.shape

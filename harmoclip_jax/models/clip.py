@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from harmoclip_jax.models.backbone import Backbone, lazy
+from harmoclip_jax.models.normalization import OPENAI_CLIP
 from harmoclip_jax.models.variants import CLIPConfig, TextConfig, VisionConfig, get_config
 
 _normal = jax.nn.initializers.normal
@@ -329,6 +331,24 @@ class CLIP(nnx.Module):
         embedding equals `encode_image(images)`.
         """
         return self.visual.dense(images, return_global=return_global)
+
+
+BACKBONE = Backbone(
+    family="clip",
+    model_class=CLIP,
+    get_config=get_config,
+    config_from_dict=CLIPConfig.from_dict,
+    image_mean=OPENAI_CLIP[0],
+    image_std=OPENAI_CLIP[1],
+    tokenizer="clip",
+    # Embeddings and the temperature are never decayed (open_clip's rule).
+    no_decay=(r".*positional_embedding", r".*class_embedding", r".*token_embedding", r"logit_scale"),
+    save_hf=lazy("harmoclip_jax.models.convert", "save_hf_clip"),
+    save_open_clip=lazy("harmoclip_jax.models.convert", "save_open_clip"),
+    load_hf=lazy("harmoclip_jax.models.convert", "load_hf_clip"),
+    load_open_clip=lazy("harmoclip_jax.models.convert", "load_open_clip"),
+    hf_model_type="clip",
+)
 
 
 def count_params(model: nnx.Module) -> int:

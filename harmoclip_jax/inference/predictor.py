@@ -1,0 +1,367 @@
+"""Inference with a trained or converted model: label image regions, embed images / texts / regions, retrieve.
+
+    from harmoclip_jax.inference import Predictor
+
+    predictor = Predictor.from_checkpoint("workdirs/demo")       # a training workdir, params export or HF dir
+    result = predictor.classify_regions("photo.jpg", [[10, 20, 200, 240]], ["cat", "dog"])
+    print(result.top_k[0].labels, result.top_k[0].scores)
+
+Inputs are file paths, encoded bytes, PIL images or uint8 numpy arrays of any size; boxes are pixel xyxy of that
+image. Preprocessing is the training pipeline's own (`pipeline.decode_image`: squash to the model's S x S, bicubic,
+the model's normalisation; files take the same JPEG decode path as training records), boxes are rescaled with the
+shared box helpers, region embeddings are training's (`ops.regions.region_embeddings`: RoIAlign over
+`encode_dense`) and class embeddings the box-classification evaluator's prompt ensemble. EXIF orientation is not applied (training
+does not apply it either), so boxes refer to the stored pixel grid.
+
+Every model call is jitted on fixed shapes: images go in batches of `batch_size` (the last one padded), boxes per
+image are padded up to a multiple of `box_bucket`, texts go in batches of `text_batch_size`. Repeated calls
+therefore reuse the compiled functions (`Predictor.trace_counts` counts compilations per function).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import pathlib
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from harmoclip_jax import checkpoint as ckpt_lib
+from harmoclip_jax import workdir as workdir_lib
+from harmoclip_jax.data import pipeline
+from harmoclip_jax.evaluators.box_classification import DEFAULT_TEMPLATES, class_embeddings
+from harmoclip_jax.evaluators.common import l2_normalize
+from harmoclip_jax.inference.inputs import (ImageInput, InputError, check_boxes, check_labels, check_templates,
+                                            check_texts, image_list, model_input_boxes, read_image)
+from harmoclip_jax.models import registry
+from harmoclip_jax.models.backbone import ImageTextModel, image_text_logits, probabilities
+from harmoclip_jax.ops.regions import region_embeddings
+from harmoclip_jax.tokenizer import get_tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class RegionPrediction:
+    """The top labels of one box: `labels[k]` with probability `scores[k]` (the model family's probabilities:
+    softmax over the candidate labels for CLIP)."""
+
+    box: list[float]  # pixel xyxy of the input image
+    labels: list[str]
+    scores: list[float]
+
+    def to_dict(self) -> dict:
+        return {"box": [round(v, 2) for v in self.box],
+                "top": [{"label": l, "score": round(s, 4)} for l, s in zip(self.labels, self.scores)]}
+
+
+@dataclasses.dataclass
+class RegionClassification:
+    """`classify_regions` output. probs[t, c]: the family's probabilities of logits exp(logit_scale) * cosine[t, c]
+    (+ logit_bias): softmax over c for CLIP."""
+
+    labels: list[str]  # the C candidate labels
+    boxes: np.ndarray  # (T, 4) pixel xyxy of the input image (clipped)
+    image_size: tuple[int, int]  # (width, height) of the input image
+    cosine: np.ndarray  # (T, C) cosine similarity of region and label embeddings
+    probs: np.ndarray  # (T, C)
+    top_k: list[RegionPrediction]
+
+    def to_dict(self) -> dict:
+        return {"image_size": list(self.image_size), "labels": self.labels,
+                "regions": [p.to_dict() for p in self.top_k]}
+
+
+@dataclasses.dataclass
+class RetrievalResult:
+    """`retrieve` output: for query q, `ranking[q]` indexes `images` best first, with `scores[q]` (cosine)."""
+
+    queries: list[str]
+    images: list[str]  # paths, or '#i' for in-memory images
+    cosine: np.ndarray  # (Q, N)
+    ranking: np.ndarray  # (Q, k)
+
+    def top(self, query: int) -> list[tuple[str, float]]:
+        return [(self.images[j], float(self.cosine[query, j])) for j in self.ranking[query]]
+
+    def to_dict(self) -> dict:
+        return {"queries": [{"query": q, "top": [{"image": n, "score": round(s, 4)} for n, s in self.top(i)]}
+                            for i, q in enumerate(self.queries)]}
+
+
+# ----------------------------------------------------------------------------------------------- predictor
+
+
+def default_region_config() -> ml_collections.ConfigDict:
+    """RoIAlign settings of region embeddings when the checkpoint has no training config (the trainer's defaults)."""
+    from harmoclip_jax import config_lib
+
+    return config_lib.base_config().region
+
+
+class Predictor:
+    """An image-text model of any registered family (`models.registry`) wrapped for inference on one device.
+    See the package doc.
+
+    Args:
+      model: the model; its config fixes the input size and the text context.
+      region: the training config's `region` section (RoIAlign `output_size`, `sampling_ratio`); default: the
+        trainer's defaults.
+      templates: prompt templates of `classify_regions` (default: the box-classification evaluator's ensemble).
+      batch_size / text_batch_size / box_bucket: the fixed shapes every call is padded to (see module doc).
+      source: where the model came from (shown in reports).
+    """
+
+    def __init__(self, model: ImageTextModel, *, region: ml_collections.ConfigDict | dict | None = None,
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 8, text_batch_size: int = 64,
+                 box_bucket: int = 8, source: str = ""):
+        for name, value in (("batch_size", batch_size), ("text_batch_size", text_batch_size),
+                            ("box_bucket", box_bucket)):
+            if int(value) < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        self.model = model
+        self.config = model.config
+        self.backbone = registry.of_model(model)
+        self.region = ml_collections.ConfigDict(dict(region) if region is not None else default_region_config())
+        self.templates = check_templates(templates)
+        self.batch_size, self.text_batch_size, self.box_bucket = int(batch_size), int(text_batch_size), int(box_bucket)
+        self.source = source
+        self.trace_counts: collections.Counter[str] = collections.Counter()
+        self._class_cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+
+        device = jax.devices()[0]
+        graphdef, state = nnx.split(model)
+        self._state = jax.device_put(state, device)
+        patch = self.config.vision.patch_size
+        region_config = self.region
+        counts = self.trace_counts
+
+        def encode_images(state, images):
+            counts["images"] += 1  # runs once per trace, i.e. per compilation
+            return nnx.merge(graphdef, state).encode_image(images)
+
+        def encode_texts(state, tokens):
+            counts["texts"] += 1
+            return nnx.merge(graphdef, state).encode_text(tokens)
+
+        def encode_regions(state, images, boxes):
+            counts["regions"] += 1
+            dense = nnx.merge(graphdef, state).encode_dense(images)
+            return region_embeddings(dense, boxes, stride=patch, output_size=region_config.output_size,
+                                     sampling_ratio=region_config.sampling_ratio)
+
+        self._encode_images = jax.jit(encode_images)
+        self._encode_texts = jax.jit(encode_texts)
+        self._encode_regions = jax.jit(encode_regions)
+
+    # ---------------------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, step: int | None = None, dtype: str | None = None,
+                        **kwargs) -> "Predictor":
+        """Loads a model from what `path` holds (auto-detected):
+
+        - a training workdir (`config.json` + `checkpoints/` and/or `params/`): the params of training checkpoint
+          `step` (default: the latest, which is the newest state), else the `params/` export;
+        - a params checkpoint (`model.json` + `params/`: `workdir/params`, `python -m harmoclip_jax.convert`);
+        - a Hugging Face CLIPModel directory (`config.json` with `vision_config` + weights), converted on load.
+
+        `dtype="bfloat16"` sets the compute dtype (GPU); other kwargs go to `Predictor`.
+        """
+        path = pathlib.Path(path).expanduser().absolute()
+        overrides = {"dtype": dtype} if dtype else {}
+        if not path.exists():
+            raise InputError(f"checkpoint {str(path)!r} does not exist")
+        if path.is_file():
+            raise InputError(f"checkpoint {str(path)!r} is a file; for an open_clip / OpenAI state dict use "
+                             "Predictor.from_open_clip(path, variant) (CLI: --open_clip FILE --variant ViT-B/16)")
+        if ckpt_lib.is_params_checkpoint(path):
+            return cls(ckpt_lib.load_params(path, **overrides), region=workdir_lib.region_config(path.parent),
+                       source=f"params checkpoint {path}", **kwargs)
+        if workdir_lib.is_workdir(path):
+            try:
+                model, source = workdir_lib.load_model(path, step, **overrides)
+            except FileNotFoundError as error:
+                raise InputError(str(error)) from error
+            return cls(model, region=workdir_lib.region_config(path), source=source, **kwargs)
+        if (path / workdir_lib.CONFIG).exists():
+            return cls.from_hf(path, dtype=dtype, **kwargs)
+        raise InputError(
+            f"{str(path)!r} is not a checkpoint this loader knows: expected a training workdir (config.json + "
+            "checkpoints/ or params/, from `python -m harmoclip_jax.main`), a params checkpoint (model.json + "
+            "params/, from training or `python -m harmoclip_jax.convert`) or a Hugging Face CLIPModel directory "
+            "(config.json + model.safetensors)")
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike, *, dtype: str | None = None, **kwargs) -> "Predictor":
+        """Converts a Hugging Face model directory on load, with the converter of the family whose `hf_model_type`
+        its config.json names (`CLIPModel`: `models.convert.load_hf_clip`)."""
+        overrides = {"dtype": dtype} if dtype else {}
+        try:
+            backbone = registry.for_hf_dir(path)
+            model = backbone.load_hf(path, **overrides)
+        except (FileNotFoundError, ValueError) as error:
+            raise InputError(str(error)) from error
+        return cls(model, source=f"Hugging Face {backbone.family} model {path}", **kwargs)
+
+    @classmethod
+    def from_open_clip(cls, path: str | os.PathLike, variant: str, *, family: str = "clip",
+                       image_size: int | None = None, dtype: str | None = None, **kwargs) -> "Predictor":
+        """Converts an open_clip / OpenAI state dict file of architecture `variant` (e.g. "ViT-B/16") of backbone
+        `family` on load; `image_size` resizes the position embedding (bicubic)."""
+        overrides = {k: v for k, v in (("image_size", image_size), ("dtype", dtype)) if v}
+        try:
+            model = registry.get(family).load_open_clip(path, variant, **overrides)
+        except (FileNotFoundError, ValueError) as error:
+            raise InputError(str(error)) from error
+        return cls(model, source=f"open_clip state dict {path} ({variant})", **kwargs)
+
+    # ------------------------------------------------------------------------------------------- basics
+
+    @property
+    def image_size(self) -> int:
+        """S: images are squashed to S x S pixels."""
+        return self.config.vision.image_size
+
+    def preprocess(self, image: ImageInput, where: str = "image") -> tuple[np.ndarray, tuple[int, int]]:
+        """One image -> ((S, S, 3) float32 model input, (width, height) of the original)."""
+        payload, size = read_image(image, where)
+        try:
+            return pipeline.decode_image(payload, self.image_size, self.backbone.image_mean,
+                                         self.backbone.image_std), size
+        except Exception as error:  # noqa: BLE001 - a decoder failure after a successful header check
+            raise InputError(f"{where}: cannot decode the image ({type(error).__name__}: {error})") from error
+
+    def _image_batches(self, inputs: Sequence[ImageInput], names: Sequence[str]):
+        """Yields (n real images, (batch_size, S, S, 3) padded batch, sizes) over `inputs`."""
+        s = self.image_size
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start:start + self.batch_size]
+            batch = np.zeros((self.batch_size, s, s, 3), np.float32)
+            sizes = []
+            for row, image in enumerate(chunk):
+                batch[row], size = self.preprocess(image, f"image {names[start + row]}")
+                sizes.append(size)
+            yield len(chunk), batch, sizes
+
+    # ------------------------------------------------------------------------------------------- embeddings
+
+    def encode_images(self, images, *, normalize: bool = True) -> np.ndarray:
+        """(N, E) global image embeddings of a list of images (or a folder of image files)."""
+        inputs, names = image_list(images)
+        out = []
+        for n, batch, _ in self._image_batches(inputs, names):
+            out.append(np.asarray(self._encode_images(self._state, batch))[:n])
+        embeddings = np.concatenate(out)
+        return l2_normalize(embeddings) if normalize else embeddings
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids for this model: its family's tokenizer at its text context length."""
+        return get_tokenizer(self.backbone.tokenizer)(list(texts), self.config.text.context_length)
+
+    def encode_texts(self, texts: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        """(N, E) text embeddings (tokenized with the model family's tokenizer at the model's context length)."""
+        texts = check_texts(texts, "texts")
+        embeddings = self._encode_tokens(self.tokenize(texts))
+        return l2_normalize(embeddings) if normalize else embeddings
+
+    def _encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        out = []
+        n = self.text_batch_size
+        for start in range(0, len(tokens), n):
+            chunk = tokens[start:start + n]
+            padded = np.zeros((n, tokens.shape[1]), np.int32)
+            padded[: len(chunk)] = chunk
+            out.append(np.asarray(self._encode_texts(self._state, padded))[: len(chunk)])
+        return np.concatenate(out)
+
+    def encode_regions(self, images, boxes, *, box_format: str = "xyxy", normalize: bool = True
+                       ) -> list[np.ndarray]:
+        """Region embeddings (RoIAlign over the patch features, as in training and box-classification eval):
+        a list with one (T_i, E) array per image, batched across images.
+
+        `images` is a list of images with `boxes` a list of per-image (T_i, 4) pixel boxes, or one image with its
+        (T, 4) boxes (a list of one array comes back).
+        """
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        per_image = [boxes] if single else list(boxes)
+        if len(images) != len(per_image):
+            raise InputError(f"encode_regions: {len(images)} images but {len(per_image)} box lists")
+        if not images:
+            raise InputError("encode_regions: no images given")
+        s = self.image_size
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = range(start, min(start + self.batch_size, len(images)))
+            batch = np.zeros((self.batch_size, s, s, 3), np.float32)
+            model_boxes = []
+            for row, i in enumerate(chunk):
+                where = "image" if single else f"image {i}"
+                batch[row], size = self.preprocess(images[i], where)
+                xyxy = check_boxes(per_image[i], size, box_format, where=f"boxes of {where}")
+                model_boxes.append(model_input_boxes(xyxy, size, s))
+            slots = self.box_bucket * math.ceil(max(len(b) for b in model_boxes) / self.box_bucket)
+            # Padding boxes cover one patch (a real, cheap box) and are dropped below.
+            p = self.config.vision.patch_size
+            padded = np.tile(np.asarray([0, 0, p, p], np.float32), (self.batch_size, slots, 1))
+            for row, b in enumerate(model_boxes):
+                padded[row, : len(b)] = b
+            regions = np.asarray(self._encode_regions(self._state, batch, padded))
+            out.extend(regions[row, : len(b)] for row, b in enumerate(model_boxes))
+        return [l2_normalize(r) for r in out] if normalize else out
+
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """(C, E) normalised prompt-ensemble embeddings of `labels` (the box-classification evaluator's), cached."""
+        labels = check_labels(labels)
+        templates = self.templates if templates is None else check_templates(templates)
+        key = (tuple(labels), templates)
+        if key not in self._class_cache:
+            encode = lambda _, tokens: self._encode_tokens(np.asarray(tokens))  # noqa: E731
+            self._class_cache[key] = class_embeddings(encode, None, labels, templates, self.tokenize, multiple=1)
+            while len(self._class_cache) > 16:
+                self._class_cache.popitem(last=False)
+        return self._class_cache[key]
+
+    # ---------------------------------------------------------------------------------------------- tasks
+
+    def classify_regions(self, image: ImageInput, boxes, labels: Sequence[str], *,
+                         templates: Sequence[str] | None = None, top_k: int = 5,
+                         box_format: str = "xyxy") -> RegionClassification:
+        """Scores every box of `image` against every label; returns probabilities and the top-k labels per box.
+
+        `boxes` are (T, 4) pixels of `image` as given (xyxy by default, or `box_format` "xywh" / "cxcywh").
+        Labels are embedded with the prompt `templates` (default: this predictor's) and averaged per label.
+        """
+        labels = check_labels(labels)
+        if int(top_k) < 1:
+            raise InputError(f"top_k={top_k} must be >= 1")
+        payload, size = read_image(image)
+        xyxy = check_boxes(boxes, size, box_format)
+        classes = self.class_embeddings(labels, templates)
+        regions = self.encode_regions(payload, xyxy)[0]
+        cosine = regions @ classes.T
+        probs = probabilities(image_text_logits(self.model, cosine), self.backbone.probabilities)
+        k = min(int(top_k), len(labels))
+        order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        top = [RegionPrediction(box=xyxy[t].tolist(), labels=[labels[c] for c in order[t]],
+                                scores=[float(probs[t, c]) for c in order[t]]) for t in range(len(xyxy))]
+        return RegionClassification(labels=labels, boxes=xyxy, image_size=size, cosine=cosine, probs=probs,
+                                    top_k=top)
+
+    def retrieve(self, query_texts: Sequence[str], images, *, top_k: int = 5) -> RetrievalResult:
+        """Text-to-image retrieval: ranks `images` (a list, or a folder of image files) for every query by the
+        cosine similarity of the global embeddings."""
+        queries = check_texts(query_texts, "query_texts")
+        if int(top_k) < 1:
+            raise InputError(f"top_k={top_k} must be >= 1")
+        inputs, names = image_list(images)
+        cosine = self.encode_texts(queries) @ self.encode_images(inputs).T
+        ranking = np.argsort(-cosine, axis=-1, kind="stable")[:, : min(int(top_k), len(inputs))]
+        return RetrievalResult(queries=queries, images=names, cosine=cosine, ranking=ranking)

@@ -1,0 +1,120 @@
+"""The backbone seam: what every image-text model family implements, and the registry that picks one by name.
+
+A family (`config.model.family`: "clip", ...) is one module that defines an NNX model class and a `BACKBONE =
+Backbone(...)` record; `models/registry.py` lists the package's families, and `register()` adds one from outside the
+package (a notebook, a test). Everything else (trainer, evaluators, inference, checkpoints, the pipeline's
+normalisation and tokenizer) asks the `Backbone` record or the model, never a family by name.
+
+The model contract (`ImageTextModel`): parameters as `nnx.Param`s, with the image tower under the top-level key
+`Backbone.image_tower` (a frozen copy of it is the self-distillation teacher), the text tower under
+`Backbone.text_tower`, and the temperature as a scalar `logit_scale` (log of the scale); the config has
+`vision.image_size`, `vision.patch_size` (the stride of the dense features), `text.context_length`, `dtype`,
+`remat` and `to_dict()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+
+
+class ImageTextModel(Protocol):
+    """The methods and attributes the package uses. Embeddings are projected, not normalised."""
+
+    config: Any
+    logit_scale: Any  # nnx.Param, scalar: image-text logits are exp(logit_scale) * cosine (+ bias, sigmoid kinds)
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """(B, S, S, 3) normalised images -> (B, E)."""
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """(N, L <= context_length) int ids -> (N, E)."""
+
+    def encode_dense(self, images: jax.Array, *, return_global: bool = False):
+        """(B, S, S, 3) -> (B, h, w, E) features in the joint space, h = S / patch_size; with `return_global`,
+        `(encode_image(images), dense)` from one pass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """Everything the package needs to know about one model family.
+
+    Attributes:
+      family: the `config.model.family` name.
+      model_class: `model_class(config, rngs=nnx.Rngs)` builds an `ImageTextModel`.
+      get_config: `(variant name or config, **overrides) -> config`; overrides include `image_size`,
+        `text_context_length`, `dtype`, `remat`, `attention_impl` (those `config.model` sets).
+      config_from_dict: inverse of `config.to_dict()` (checkpoints store the dict).
+      image_mean / image_std: per-channel RGB normalisation of [0, 1] pixels the model was trained with.
+      tokenizer: name in `harmoclip_jax.tokenizer.TOKENIZERS`.
+      image_tower / text_tower: top-level parameter keys of the two towers.
+      no_decay: regexes (full match on '/'-joined parameter paths) of parameters without weight decay, on top of
+        every array with fewer than 2 dimensions.
+      probabilities: how image-text logits become probabilities: "softmax" over candidates (CLIP).
+      save_hf / save_open_clip: `(model, path) -> path`: a complete directory / state-dict file for the family's
+        PyTorch home (None if there is none).
+      load_hf / load_open_clip: `(path, ...) -> model` converters (None if there is none).
+      hf_model_type: the `model_type` of the family's Hugging Face config.json (picks the converter on load).
+    """
+
+    family: str
+    model_class: type
+    get_config: Callable[..., Any]
+    config_from_dict: Callable[[dict], Any]
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    tokenizer: str = "clip"
+    image_tower: str = "visual"
+    text_tower: str = "text"
+    no_decay: tuple[str, ...] = ()
+    probabilities: str = "softmax"
+    save_hf: Callable | None = None
+    save_open_clip: Callable | None = None
+    load_hf: Callable | None = None
+    load_open_clip: Callable | None = None
+    hf_model_type: str | None = None
+
+    @property
+    def text_tower_regex(self) -> str:
+        return f"{self.text_tower}/.*"
+
+    def config_for(self, model_config) -> Any:
+        """The family config of an experiment's `config.model` section."""
+        return self.get_config(model_config.variant, image_size=model_config.image_size,
+                               text_context_length=model_config.context_length, dtype=model_config.dtype,
+                               remat=model_config.remat, attention_impl=model_config.attention_impl)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """[0, 1] float RGB pixels -> model input."""
+        return (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+
+
+def lazy(module: str, name: str) -> Callable:
+    """`module.name`, imported on first call (converters need readers a model module should not import)."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def probabilities(logits: np.ndarray, kind: str) -> np.ndarray:
+    """Image-text logits (..., C) -> probabilities: softmax over the C candidates, or independent sigmoids."""
+    logits = np.asarray(logits)
+    if kind == "softmax":
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        return p / p.sum(-1, keepdims=True)
+    if kind == "sigmoid":
+        return 1 / (1 + np.exp(-logits))
+    raise ValueError(f"unknown probability kind {kind!r}; use 'softmax' or 'sigmoid'")
+
+
+def image_text_logits(model: ImageTextModel, cosine: np.ndarray) -> np.ndarray:
+    """exp(logit_scale) * cosine (+ logit_bias where the model has one), in cosine's dtype."""
+    logits = float(np.exp(np.asarray(jax.device_get(model.logit_scale[...])))) * np.asarray(cosine)
+    bias = getattr(model, "logit_bias", None)
+    return logits + float(np.asarray(jax.device_get(bias[...]))) if bias is not None else logits

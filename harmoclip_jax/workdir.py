@@ -1,0 +1,90 @@
+"""The layout of a training workdir, in one place, and reading a model back from one (no training loop needed).
+
+    WORKDIR/config.json          the experiment config of the run (`ml_collections` JSON)
+    WORKDIR/checkpoints/STEP/    full training checkpoints (Orbax; `checkpoint.TrainCheckpointer`)
+    WORKDIR/params/              params-only export at the end (`checkpoint.save_params`)
+    WORKDIR/metrics.jsonl        one JSON object per logged step; WORKDIR/curves.png its plot
+    WORKDIR/lexeme_vocab.json    LRC's lexeme vocabulary (lrc_negatives="vocab")
+    WORKDIR/text_cache/          frozen-text-tower embeddings
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+PARAMS = "params"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+LEXEME_VOCAB = "lexeme_vocab.json"
+TEXT_CACHE = "text_cache"
+# The training state's item inside checkpoints/STEP/ (`checkpoint.TrainCheckpointer`).
+STATE_ITEM = "state"
+DATA_ITEM = "data_iter"
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict | None:
+    """The run's experiment config, or None when `workdir` has none (or `config.json` is a Hugging Face one)."""
+    path = pathlib.Path(workdir) / CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if "vision_config" in data or "model" not in data:  # a Hugging Face model directory
+        return None
+    return ml_collections.ConfigDict(data)
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    from harmoclip_jax import checkpoint
+
+    path = pathlib.Path(path)
+    return read_config(path) is not None and ((path / CHECKPOINTS).is_dir()
+                                             or checkpoint.is_params_checkpoint(path / PARAMS))
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """The finished training-checkpoint steps (unfinished writes are temporary directories)."""
+    directory = pathlib.Path(workdir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / STATE_ITEM).is_dir())
+
+
+def region_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict | None:
+    """The run's `region` section completed with today's defaults (None when `workdir` is not a workdir)."""
+    from harmoclip_jax import config_lib
+
+    config = read_config(workdir)
+    if config is None or "region" not in config:
+        return None
+    merged = config_lib.base_config().region
+    merged.update({k: v for k, v in config.region.items() if k in merged})
+    return merged
+
+
+def load_model(workdir: str | os.PathLike, step: int | None = None, **overrides: Any) -> tuple[Any, str]:
+    """(model, description) of a training workdir: the params of checkpoint `step` (default: the latest, the newest
+    state), else the `params/` export. `overrides` change non-structural model fields (`dtype`, `remat`)."""
+    from harmoclip_jax import checkpoint, config_lib
+    from harmoclip_jax.models import glue
+
+    workdir = pathlib.Path(workdir)
+    steps = checkpoint_steps(workdir)
+    if step is None and not steps:
+        return checkpoint.load_params(workdir / PARAMS, **overrides), f"params export {workdir / PARAMS}"
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"workdir {workdir} has no training checkpoint at step {step}; it has steps {steps}")
+    config = read_config(workdir)
+    backbone = config_lib.backbone(config)
+    model_config = backbone.get_config(backbone.config_for(config_lib.model_section(config)), **overrides)
+    params = checkpoint.restore_params(workdir / CHECKPOINTS / str(step) / STATE_ITEM,
+                                       glue.abstract_params(backbone, model_config), key="params")
+    return glue.model_from_params(backbone, model_config, params), f"workdir {workdir}, training checkpoint step {step}"
