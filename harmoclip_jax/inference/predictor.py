@@ -208,7 +208,7 @@ class Predictor:
             model = backbone.load_hf(path, **overrides)
         except (FileNotFoundError, ValueError) as error:
             raise InputError(str(error)) from error
-        return cls(model, source=f"Hugging Face {backbone.family} model {path}", **kwargs)
+        return cls(model, source=f"Hugging Face {backbone.hf_architecture} {path}", **kwargs)
 
     @classmethod
     def from_open_clip(cls, path: str | os.PathLike, variant: str, *, family: str = "clip",

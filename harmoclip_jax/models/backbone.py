@@ -57,7 +57,8 @@ class Backbone:
       save_hf / save_open_clip: `(model, path) -> path`: a complete directory / state-dict file for the family's
         PyTorch home (None if there is none).
       load_hf / load_open_clip: `(path, ...) -> model` converters (None if there is none).
-      hf_model_type: the `model_type` of the family's Hugging Face config.json (picks the converter on load).
+      hf_model_type / hf_architecture: the `model_type` of the family's Hugging Face config.json (picks the
+        converter on load) and its transformers class.
     """
 
     family: str
@@ -76,6 +77,7 @@ class Backbone:
     load_hf: Callable | None = None
     load_open_clip: Callable | None = None
     hf_model_type: str | None = None
+    hf_architecture: str | None = None
 
     @property
     def text_tower_regex(self) -> str:

@@ -348,6 +348,7 @@ BACKBONE = Backbone(
     load_hf=lazy("harmoclip_jax.models.convert", "load_hf_clip"),
     load_open_clip=lazy("harmoclip_jax.models.convert", "load_open_clip"),
     hf_model_type="clip",
+    hf_architecture="CLIPModel",
 )
 
 
