@@ -42,6 +42,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from harmoclip_jax.data import registry
+
 log = logging.getLogger(__name__)
 
 # OpenAI CLIP normalisation (also used by open_clip's OpenAI/EVA checkpoints).
@@ -399,22 +401,25 @@ class EvalTransform:
 def open_source(dataset: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
     """Random-access TFDS source of `dataset` ("name[/config]") with images left encoded (decoded by us).
 
-    The scenes dataset is generated into `data_dir` on first use; the real datasets (COCO, Flickr30k) must have
-    been prepared with `python -m harmoclip_jax.data.prepare` (docs/datasets.md).
+    Generated datasets (scenes) are built into `data_dir` on first use; the real datasets (COCO, Flickr30k) must
+    have been prepared with `python -m harmoclip_jax.data.prepare` (docs/datasets.md). Any other TFDS builder
+    registered by then (e.g. by a test) is opened too.
     """
     import tensorflow_datasets as tfds
 
-    from harmoclip_jax.data import coco, flickr, scenes  # noqa: F401  (importing registers the builders)
-
-    hint = (f"build it with `python -m harmoclip_jax.data.prepare` (docs/datasets.md) or point config.data_dir at "
-            f"it (data_dir={data_dir!r}; None means the TFDS default, $TFDS_DATA_DIR)")
+    registry.register(dataset)
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise FileNotFoundError(f"unknown dataset {dataset!r}: {hint}") from error
+        raise FileNotFoundError(f"unknown dataset {dataset!r}; the datasets of harmoclip_jax/data/registry.py are "
+                                f"{sorted(registry.DATASETS)}") from error
     if not builder.is_prepared():
-        if dataset.split("/")[0] != "scenes":
-            raise FileNotFoundError(f"dataset {dataset!r} is not prepared under {builder.data_dir}: {hint}")
+        entry = registry.lookup(dataset)
+        if entry is None or not entry.generated:
+            raise FileNotFoundError(
+                f"dataset {dataset!r} is not prepared under {builder.data_dir}: build it with "
+                f"`{registry.prepare_command(dataset, data_dir)}` (docs/datasets.md) or point config.data.data_dir "
+                f"at it (data_dir={data_dir!r}; None means the TFDS default, $TFDS_DATA_DIR)")
         builder.download_and_prepare()  # generated procedurally; nothing is downloaded
     return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
