@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from harmoclip_jax.data import registry
+from harmoclip_jax.ops import boxes as box_ops
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,12 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # Boxes may overshoot [0, 1] by float rounding; beyond this they are broken.
 _BOX_TOLERANCE = 1e-3
-# A box narrower than this many pixels of the resized image carries no region.
-_MIN_BOX_PIXELS = 1e-3
+# Why a box is dropped (train) or rejected (eval), by `ops.boxes.box_faults` code.
+_BOX_PROBLEMS = {
+    box_ops.NON_FINITE: "has a non-finite coordinate",
+    box_ops.EMPTY: "has zero or negative area",
+    box_ops.OUTSIDE: "outside the image (normalised xyxy)",
+}
 
 
 class BadRecordError(ValueError):
@@ -155,19 +160,11 @@ def decode_image(image: Any, size: int) -> np.ndarray:
 
 
 def _check_boxes(boxes: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Per box: usable? Clips boxes within tolerance; returns (ok mask, problems per box or '')."""
-    problems = []
-    for box in boxes:
-        x0, y0, x1, y1 = box
-        if not np.all(np.isfinite(box)):
-            problems.append(f"non-finite box {box.tolist()}")
-        elif min(x0, y0) < -_BOX_TOLERANCE or max(x1, y1) > 1 + _BOX_TOLERANCE:
-            problems.append(f"box {np.round(box, 4).tolist()} outside the image (normalised xyxy)")
-        elif x1 <= x0 or y1 <= y0:
-            problems.append(f"box {np.round(box, 4).tolist()} has zero or negative area")
-        else:
-            problems.append("")
-    return np.array([p == "" for p in problems], bool), problems
+    """Per normalised xyxy box: usable (`ops.boxes.box_faults`)? Returns (ok mask, problem per box or '')."""
+    faults = box_ops.box_faults(boxes, (1.0, 1.0), tolerance=_BOX_TOLERANCE)
+    problems = [f"box {np.round(box, 4).tolist()} {_BOX_PROBLEMS[int(fault)]}" if fault else ""
+                for fault, box in zip(faults, boxes)]
+    return faults == box_ops.OK, problems
 
 
 def _regions(record: dict) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
