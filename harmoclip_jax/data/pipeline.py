@@ -299,7 +299,7 @@ class _SkipBadRecordsIterator(grain.DatasetIterator):
                     raise BadRecordsError(
                         f"{self._bad} of the {self._seen} training records read so far were bad (more than "
                         f"max_bad_fraction={self._max_bad_fraction}); the latest: {where}: {'; '.join(problems)}. "
-                        "Fix or rebuild the dataset, or raise config.max_bad_fraction."
+                        "Fix or rebuild the dataset, or raise config.data.max_bad_fraction."
                     )
             if example.get("_skip"):
                 continue
@@ -382,7 +382,7 @@ class EvalTransform:
             raise fail("; ".join(p for p in problems if p))
         if len(boxes) > t:
             raise fail(f"{len(boxes)} regions but eval_max_regions={t} (eval never drops regions); raise "
-                       "config.eval_max_regions")
+                       "config.data.eval_max_regions")
         n = len(boxes)
         example["boxes"][:n] = np.clip(boxes, 0.0, 1.0) * np.float32(s)
         example["box_mask"][:n] = True
