@@ -1,4 +1,4 @@
-"""FineCLIP's COCO protocol (method.md 3.2) with a ViT-B/16 CLIP, initialised from a converted checkpoint.
+"""FineCLIP's COCO protocol (docs/method.md, "Evaluation protocol") with a ViT-B/16 CLIP, from a converted checkpoint.
 
     python -m harmoclip_jax.main --config=configs/vitb16.py --workdir=runs/vitb16
     python -m harmoclip_jax.main --config=configs/vitb16.py:method=fineclip,res=336 \\

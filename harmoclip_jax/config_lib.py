@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from harmoclip_jax import losses
+from harmoclip_jax.sharding import mesh_shape
 
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -110,32 +111,6 @@ def data_config(config: ml_collections.ConfigDict, process_count: int = 1) -> ml
     data.batch_size = config.batch_size // process_count
     data.eval_batch_size = config.eval_batch_size // process_count
     return data
-
-
-def mesh_shape(mesh_config, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Resolves `[("data", -1), ("fsdp", 2)]` to concrete sizes for `num_devices` (one -1 fills)."""
-    names = tuple(str(name) for name, _ in mesh_config)
-    sizes = [int(size) for _, size in mesh_config]
-    if sorted(names) != ["data", "fsdp"]:
-        raise ValueError(f"config.mesh must name exactly the axes 'data' and 'fsdp', got {list(names)}")
-    fills = [i for i, s in enumerate(sizes) if s == -1]
-    if len(fills) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1 (fill), got {list(zip(names, sizes))}")
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"config.mesh sizes must be positive or -1, got {list(zip(names, sizes))}")
-    known = 1
-    for s in sizes:
-        if s != -1:
-            known *= s
-    if fills:
-        if num_devices % known:
-            raise ValueError(f"config.mesh {list(zip(names, sizes))}: {num_devices} devices are not divisible by "
-                             f"the fixed axis sizes (product {known})")
-        sizes[fills[0]] = num_devices // known
-    elif known != num_devices:
-        raise ValueError(f"config.mesh {list(zip(names, sizes))} needs {known} devices, but {num_devices} are "
-                         "available; use -1 for one axis to fill")
-    return names, tuple(sizes)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int = 1) -> None:

@@ -20,10 +20,34 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from harmoclip_jax.config_lib import mesh_shape
-
 BATCH_AXES = ("data", "fsdp")
 TACTICS = ("fsdp", "replicate")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Resolves `[("data", -1), ("fsdp", 2)]` to concrete sizes for `num_devices` (one -1 fills)."""
+    names = tuple(str(name) for name, _ in mesh_config)
+    sizes = [int(size) for _, size in mesh_config]
+    if sorted(names) != ["data", "fsdp"]:
+        raise ValueError(f"config.mesh must name exactly the axes 'data' and 'fsdp', got {list(names)}")
+    fills = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fills) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1 (fill), got {list(zip(names, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.mesh sizes must be positive or -1, got {list(zip(names, sizes))}")
+    known = 1
+    for s in sizes:
+        if s != -1:
+            known *= s
+    if fills:
+        if num_devices % known:
+            raise ValueError(f"config.mesh {list(zip(names, sizes))}: {num_devices} devices are not divisible by "
+                             f"the fixed axis sizes (product {known})")
+        sizes[fills[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(f"config.mesh {list(zip(names, sizes))} needs {known} devices, but {num_devices} are "
+                         "available; use -1 for one axis to fill")
+    return names, tuple(sizes)
 
 
 def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

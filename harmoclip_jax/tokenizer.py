@@ -166,7 +166,7 @@ class Tokenizer:
         from transformers import CLIPTokenizer  # lazy: 0.6 s import, only this backend needs it
 
         # from_pretrained reads the files; CLIPTokenizer(vocab_file=...) would silently ignore them
-        # in transformers v5 (env.md).
+        # in transformers v5.
         hf = CLIPTokenizer.from_pretrained(path, local_files_only=True)
         sot, eot = hf.bos_token_id, hf.eos_token_id
         if sot is None or eot is None:

@@ -400,9 +400,9 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
 
 
 def _prepare_name(dataset: str) -> str:
-    return {"coco_region_captions": "coco_train", "coco_panoptic_boxes": "coco_panoptic",
-            "coco_retrieval": "coco_retrieval", "flickr30k_retrieval": "flickr30k_retrieval"}.get(
-        dataset.split("/")[0], dataset)
+    from harmoclip_jax.data import registry
+
+    return registry.prepare_name(dataset)
 
 
 # ------------------------------------------------------------------------------------------------ loop

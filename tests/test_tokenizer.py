@@ -72,7 +72,7 @@ def reference(open_clip_tokenizer, texts, context_length=77):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, open_clip_tokenizer):
-    """vocab.json + merges.txt converted from open_clip's bundled BPE file (env.md section 4)."""
+    """vocab.json + merges.txt converted from open_clip's bundled BPE file, so no HF checkpoint is downloaded."""
     directory = tmp_path_factory.mktemp("hf_clip_tokenizer")
     bpe = os.path.join(OPEN_CLIP_DIR, "bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]

@@ -31,7 +31,9 @@ from harmoclip_jax.data.lexemes import LexemeExtractor
 from harmoclip_jax.data.manual_files import (
     MAX_BOX_SIZE,
     MIN_BOX_SIZE,
+    RETRIEVAL_CAPTIONS_PER_IMAGE,
     empty_regions,
+    first_captions,
     image_for_tfds,
     load_json,
     logger,
@@ -40,9 +42,9 @@ from harmoclip_jax.data.manual_files import (
     passes_size_filter,
     require_files,
     require_images,
+    retrieval_examples,
 )
 
-RETRIEVAL_CAPTIONS_PER_IMAGE = 5
 MAX_PANOPTIC_SEGMENTS = 100  # FineCLIP COCOPanopticDataset: max_anns = min(max(num_annos), 100)
 
 COCO_DOWNLOAD_HELP = """\
@@ -386,14 +388,6 @@ class CocoPanopticBoxes(tfds.core.GeneratorBasedBuilder):
 
 
 # --------------------------------------------------------------------------------------- retrieval val2017
-def first_captions(captions: list[str], image: str, n: int = RETRIEVAL_CAPTIONS_PER_IMAGE) -> list[str]:
-    """Exactly n captions for retrieval: the first n in file order (a few COCO val images have 6-7); fewer is an
-    error, since the protocol's recall counts assume n captions per image."""
-    if len(captions) < n:
-        raise ValueError(f"{image}: retrieval needs {n} captions per image, the annotations give {len(captions)}")
-    return captions[:n]
-
-
 class CocoRetrieval(tfds.core.GeneratorBasedBuilder):
     """COCO val2017 image-text retrieval: 5,000 images x 5 captions (FineCLIP/Long-CLIP protocol, not Karpathy).
 
@@ -434,11 +428,4 @@ class CocoRetrieval(tfds.core.GeneratorBasedBuilder):
         return {"val": self._generate_examples(items)}
 
     def _generate_examples(self, items):
-        for image_id, path, captions in items:
-            yield image_id, {
-                "image": image_for_tfds(path),
-                "image_id": image_id,
-                "file_name": path.name,
-                "captions": captions,
-                "regions": empty_regions(),
-            }
+        return retrieval_examples(items)

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from harmoclip_jax.data.coco import first_captions
 from harmoclip_jax.data.features import record_info
 from harmoclip_jax.data.manual_files import (
     MissingDatasetFilesError,
-    empty_regions,
-    image_for_tfds,
+    first_captions,
     load_json,
     manual_dir_of,
     require_files,
     require_images,
+    retrieval_examples,
 )
 
 KARPATHY_FILE = "dataset_flickr30k.json"
@@ -109,11 +108,4 @@ class Flickr30kRetrieval(tfds.core.GeneratorBasedBuilder):
         return {"test": self._generate_examples(items)}
 
     def _generate_examples(self, items):
-        for image_id, path, captions in items:
-            yield image_id, {
-                "image": image_for_tfds(path),
-                "image_id": image_id,
-                "file_name": path.name,
-                "captions": captions,
-                "regions": empty_regions(),
-            }
+        return retrieval_examples(items)

@@ -1,6 +1,6 @@
 """Lexemes: short noun phrases that name what a region (or caption) shows, extracted from captions offline.
 
-A region's *primary lexeme* is the head noun phrase of its region caption (method.md 2.3, option (i)):
+A region's *primary lexeme* is the head noun phrase of its region caption (docs/method.md, "Lexemes"):
 "a man riding a wave on top of a surfboard" -> "man". Lexemes are extracted at dataset build time and stored
 per region (`regions/lexeme`), so training never runs a parser.
 

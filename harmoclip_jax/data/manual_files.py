@@ -1,8 +1,8 @@
 """Helpers shared by the builders of real datasets that read manually downloaded files (COCO, Flickr30k).
 
 Nothing here downloads anything: the files are fetched by hand (docs/datasets.md) into a `manual_dir`, and these
-helpers find them, fail with a message that names every missing file, and turn COCO-style boxes into the
-normalised xyxy boxes of the record schema (features.py).
+helpers find them, fail with a message that names every missing file, turn COCO-style boxes into the
+normalised xyxy boxes of the record schema (features.py) and write the records of the retrieval sets.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ logger = logging.getLogger("harmoclip_jax.data")
 # FineCLIP's region size filter (training/data.py: min_size=8, max_size=1024 on the box area w*h).
 MIN_BOX_SIZE = 8
 MAX_BOX_SIZE = 1024
+RETRIEVAL_CAPTIONS_PER_IMAGE = 5
 
 
 class MissingDatasetFilesError(FileNotFoundError):
@@ -110,3 +111,24 @@ def empty_regions() -> dict:
         "lexeme": [],
         "label": np.zeros((0,), np.int64),
     }
+
+
+def first_captions(captions: list[str], image: str, n: int = RETRIEVAL_CAPTIONS_PER_IMAGE) -> list[str]:
+    """Exactly n captions for retrieval: the first n in file order (a few COCO val images have 6-7); fewer is an
+    error, since the protocol's recall counts assume n captions per image."""
+    if len(captions) < n:
+        raise ValueError(f"{image}: retrieval needs {n} captions per image, the annotations give {len(captions)}")
+    return captions[:n]
+
+
+def retrieval_examples(items: list[tuple[int, Path, list[str]]]):
+    """(key, record) of each retrieval item (image_id, image path, captions): the image and its captions, no
+    regions (what a builder's `_generate_examples` yields)."""
+    for image_id, path, captions in items:
+        yield image_id, {
+            "image": image_for_tfds(path),
+            "image_id": image_id,
+            "file_name": path.name,
+            "captions": captions,
+            "regions": empty_regions(),
+        }

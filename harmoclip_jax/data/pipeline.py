@@ -43,14 +43,20 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from harmoclip_jax.data import registry
 from harmoclip_jax.models.normalization import OPENAI_CLIP
+from harmoclip_jax.ops import boxes as box_ops
 
 log = logging.getLogger(__name__)
 
 # Boxes may overshoot [0, 1] by float rounding; beyond this they are broken.
 _BOX_TOLERANCE = 1e-3
-# A box narrower than this many pixels of the resized image carries no region.
-_MIN_BOX_PIXELS = 1e-3
+# Why a box is dropped (train) or rejected (eval), by `ops.boxes.box_faults` code.
+_BOX_PROBLEMS = {
+    box_ops.NON_FINITE: "has a non-finite coordinate",
+    box_ops.EMPTY: "has zero or negative area",
+    box_ops.OUTSIDE: "outside the image (normalised xyxy)",
+}
 
 
 class BadRecordError(ValueError):
@@ -183,19 +189,11 @@ class ModelInputs:
 
 
 def _check_boxes(boxes: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Per box: usable? Clips boxes within tolerance; returns (ok mask, problems per box or '')."""
-    problems = []
-    for box in boxes:
-        x0, y0, x1, y1 = box
-        if not np.all(np.isfinite(box)):
-            problems.append(f"non-finite box {box.tolist()}")
-        elif min(x0, y0) < -_BOX_TOLERANCE or max(x1, y1) > 1 + _BOX_TOLERANCE:
-            problems.append(f"box {np.round(box, 4).tolist()} outside the image (normalised xyxy)")
-        elif x1 <= x0 or y1 <= y0:
-            problems.append(f"box {np.round(box, 4).tolist()} has zero or negative area")
-        else:
-            problems.append("")
-    return np.array([p == "" for p in problems], bool), problems
+    """Per normalised xyxy box: usable (`ops.boxes.box_faults`)? Returns (ok mask, problem per box or '')."""
+    faults = box_ops.box_faults(boxes, (1.0, 1.0), tolerance=_BOX_TOLERANCE)
+    problems = [f"box {np.round(box, 4).tolist()} {_BOX_PROBLEMS[int(fault)]}" if fault else ""
+                for fault, box in zip(faults, boxes)]
+    return faults == box_ops.OK, problems
 
 
 def _regions(record: dict) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
@@ -329,7 +327,7 @@ class _SkipBadRecordsIterator(grain.DatasetIterator):
                     raise BadRecordsError(
                         f"{self._bad} of the {self._seen} training records read so far were bad (more than "
                         f"max_bad_fraction={self._max_bad_fraction}); the latest: {where}: {'; '.join(problems)}. "
-                        "Fix or rebuild the dataset, or raise config.max_bad_fraction."
+                        "Fix or rebuild the dataset, or raise config.data.max_bad_fraction."
                     )
             if example.get("_skip"):
                 continue
@@ -411,7 +409,7 @@ class EvalTransform:
             raise fail("; ".join(p for p in problems if p))
         if len(boxes) > t:
             raise fail(f"{len(boxes)} regions but eval_max_regions={t} (eval never drops regions); raise "
-                       "config.eval_max_regions")
+                       "config.data.eval_max_regions")
         n = len(boxes)
         example["boxes"][:n] = np.clip(boxes, 0.0, 1.0) * np.float32(s)
         example["box_mask"][:n] = True
@@ -427,22 +425,25 @@ class EvalTransform:
 def open_source(dataset: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
     """Random-access TFDS source of `dataset` ("name[/config]") with images left encoded (decoded by us).
 
-    The scenes dataset is generated into `data_dir` on first use; the real datasets (COCO, Flickr30k) must have
-    been prepared with `python -m harmoclip_jax.data.prepare` (docs/datasets.md).
+    Generated datasets (scenes) are built into `data_dir` on first use; the real datasets (COCO, Flickr30k) must
+    have been prepared with `python -m harmoclip_jax.data.prepare` (docs/datasets.md). Any other TFDS builder
+    registered by then (e.g. by a test) is opened too.
     """
     import tensorflow_datasets as tfds
 
-    from harmoclip_jax.data import coco, flickr, scenes  # noqa: F401  (importing registers the builders)
-
-    hint = (f"build it with `python -m harmoclip_jax.data.prepare` (docs/datasets.md) or point config.data_dir at "
-            f"it (data_dir={data_dir!r}; None means the TFDS default, $TFDS_DATA_DIR)")
+    registry.register(dataset)
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise FileNotFoundError(f"unknown dataset {dataset!r}: {hint}") from error
+        raise FileNotFoundError(f"unknown dataset {dataset!r}; the datasets of harmoclip_jax/data/registry.py are "
+                                f"{sorted(registry.DATASETS)}") from error
     if not builder.is_prepared():
-        if dataset.split("/")[0] != "scenes":
-            raise FileNotFoundError(f"dataset {dataset!r} is not prepared under {builder.data_dir}: {hint}")
+        entry = registry.lookup(dataset)
+        if entry is None or not entry.generated:
+            raise FileNotFoundError(
+                f"dataset {dataset!r} is not prepared under {builder.data_dir}: build it with "
+                f"`{registry.prepare_command(dataset, data_dir)}` (docs/datasets.md) or point config.data.data_dir "
+                f"at it (data_dir={data_dir!r}; None means the TFDS default, $TFDS_DATA_DIR)")
         builder.download_and_prepare()  # generated procedurally; nothing is downloaded
     return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 

@@ -5,7 +5,7 @@
 
 `--option key=value` (repeatable) overrides a field of the builder's config (e.g. CocoRegionsConfig); the
 result is built under a derived config name, printed at the end with the line that loads it.
-To add a dataset, register its builder class in DATASETS (one line).
+`--dataset` takes the `prepare_name` of a dataset in `registry.DATASETS` (adding a dataset: one line there).
 """
 from __future__ import annotations
 
@@ -18,18 +18,7 @@ import time
 
 import tensorflow_datasets as tfds
 
-from harmoclip_jax.data.coco import CocoPanopticBoxes, CocoRegionCaptions, CocoRetrieval
-from harmoclip_jax.data.flickr import Flickr30kRetrieval
-from harmoclip_jax.data.scenes import Scenes
-
-# CLI name -> TFDS builder class. Builders with MANUAL_DOWNLOAD_INSTRUCTIONS need --manual_dir.
-DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    "coco_train": CocoRegionCaptions,
-    "coco_panoptic": CocoPanopticBoxes,
-    "coco_retrieval": CocoRetrieval,
-    "flickr30k_retrieval": Flickr30kRetrieval,
-    "scenes": Scenes,  # generated, needs no manual_dir
-}
+from harmoclip_jax.data import registry
 
 
 def _parse_value(text: str, current):
@@ -72,10 +61,8 @@ def resolve_config(builder_cls, config: str | None, options: dict[str, str] | No
 
 
 def make_builder(dataset: str, data_dir: str, config: str | None = None, options: dict[str, str] | None = None):
-    """A builder of DATASETS[dataset] writing ArrayRecord files under data_dir."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
-    builder_cls = DATASETS[dataset]
+    """A builder of the dataset whose prepare name is `dataset`, writing ArrayRecord files under data_dir."""
+    builder_cls = registry.builder_class(registry.from_prepare_name(dataset))
     return builder_cls(
         data_dir=data_dir, config=resolve_config(builder_cls, config, options), file_format="array_record"
     )
@@ -83,7 +70,7 @@ def make_builder(dataset: str, data_dir: str, config: str | None = None, options
 
 def prepare(dataset: str, data_dir: str, manual_dir: str | None = None, config: str | None = None,
             options: dict[str, str] | None = None, overwrite: bool = False):
-    """Build `dataset` (a DATASETS key) from manual_dir into data_dir; returns the prepared builder."""
+    """Build `dataset` (a registry prepare name) from manual_dir into data_dir; returns the prepared builder."""
     builder = make_builder(dataset, data_dir, config, options)
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not manual_dir:
         raise ValueError(f"{dataset} is built from manually downloaded files: pass --manual_dir (docs/datasets.md)")
@@ -116,7 +103,7 @@ def describe(builder) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--dataset", required=True, choices=registry.prepare_names())
     parser.add_argument("--data_dir", required=True, help="where the TFDS ArrayRecord dataset is written")
     parser.add_argument("--manual_dir", help="the manually downloaded files (docs/datasets.md)")
     parser.add_argument("--config", help="builder config name (coco_train: proposals | instances)")

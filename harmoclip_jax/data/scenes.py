@@ -9,7 +9,7 @@ same background and the same objects but two colours, two shapes or two position
 binding / spatial relations separate the pair's captions.
 
 Generation is deterministic: example `index` of `split` depends only on (config seed, split, index). A default
-build (10k/1k/1k images of 128 px) takes ~20 s and ~40 MB. Usage:
+build (10k/1k/1k images of 128 px) takes ~85 MB (build times: docs/scenes.md). Usage:
 
     builder = Scenes(config="default", data_dir=...)     # or tfds.data_source("scenes/default", ...)
     builder.download_and_prepare()                        # generates; nothing is downloaded
@@ -95,10 +95,6 @@ class SceneObject:
     @property
     def noun_phrase(self) -> str:
         return f"a {SIZES[self.size]} {self.lexeme}"
-
-    @property
-    def short_name(self) -> str:
-        return f"the {self.lexeme}"
 
     @property
     def region_caption(self) -> str:
@@ -188,7 +184,8 @@ def _object_rgb(rng: np.random.Generator, colour: int) -> np.ndarray:
 
 
 def _render(objects: tuple[SceneObject, ...], image_size: int, rng: np.random.Generator):
-    """Draws the objects (in order) over a fresh background; returns image float32 and visible masks."""
+    """Draws the objects in order (later ones cover earlier ones), each shaded, over a fresh background, then adds
+    pixel noise. Returns the uint8 (S, S, 3) image, each object's visible mask and each object's full mask."""
     image = _background(rng, image_size)
     full_masks = []
     for obj in objects:

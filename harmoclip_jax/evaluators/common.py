@@ -43,14 +43,10 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def register_datasets(dataset: str) -> None:
-    """Imports the module that registers `dataset`'s TFDS builder."""
-    name = dataset.split("/")[0]
-    if name == "scenes":
-        from harmoclip_jax.data import scenes  # noqa: F401
-    elif name.startswith("coco"):
-        from harmoclip_jax.data import coco  # noqa: F401
-    elif name.startswith("flickr"):
-        from harmoclip_jax.data import flickr  # noqa: F401
+    """Imports the module that registers `dataset`'s TFDS builder (see `data.registry`)."""
+    from harmoclip_jax.data import registry
+
+    registry.register(dataset)
 
 
 def dataset_metadata(dataset: str, data_dir: str | None) -> dict:

@@ -1,4 +1,4 @@
-"""Box helpers: format conversions, unit changes, clipping, validity masks, crop enlargement.
+"""Box helpers: format conversions, unit changes, clipping, the validity rule, crop enlargement.
 
 Every function works on NumPy arrays (returns NumPy, for data pipelines) and on JAX arrays (returns
 JAX, traceable under jit/vmap): the array module is picked from the input. Boxes are (..., 4) with
@@ -6,8 +6,7 @@ the last axis in the named format; ``image_size`` is always (height, width).
 
 Formats: ``xyxy`` = (x1, y1, x2, y2) corners; ``xywh`` = (x1, y1, width, height);
 ``cxcywh`` = (centre x, centre y, width, height).
-Units: pixels of the model-input image; normalised = pixels / (width, height) in [0, 1];
-grid = pixels / patch_size (patch-grid cells, what RoIAlign's ``spatial_scale`` reaches).
+Units: pixels of the model-input image; normalised = pixels / (width, height) in [0, 1].
 """
 
 from __future__ import annotations
@@ -16,19 +15,23 @@ import numpy as np
 import jax.numpy as jnp
 
 __all__ = [
-    "xyxy_to_xywh",
     "xywh_to_xyxy",
     "xyxy_to_cxcywh",
     "cxcywh_to_xyxy",
     "pixels_to_normalized",
     "normalized_to_pixels",
-    "pixels_to_grid",
-    "grid_to_pixels",
     "clip_boxes",
-    "box_area",
-    "valid_box_mask",
+    "box_faults",
+    "OK",
+    "NON_FINITE",
+    "EMPTY",
+    "TOO_SMALL",
+    "OUTSIDE",
     "enlarge_boxes",
 ]
+
+# Why a box is unusable (`box_faults`), in the order the rules are checked: a box gets the first that applies.
+OK, NON_FINITE, EMPTY, TOO_SMALL, OUTSIDE = range(5)
 
 
 def _xp(boxes):
@@ -51,13 +54,6 @@ def _size_pair(image_size, fn: str):
     if len(image_size) != 2:
         raise ValueError(f"{fn}: image_size must be (height, width), got {image_size!r}")
     return image_size[0], image_size[1]
-
-
-def xyxy_to_xywh(boxes):
-    """(x1, y1, x2, y2) -> (x1, y1, w, h)."""
-    xp, boxes = _check(boxes, "xyxy_to_xywh")
-    x1, y1, x2, y2 = _split(boxes)
-    return xp.stack([x1, y1, x2 - x1, y2 - y1], axis=-1)
 
 
 def xywh_to_xyxy(boxes):
@@ -98,16 +94,6 @@ def normalized_to_pixels(boxes, image_size):
     return _scale_xy(boxes, width, height, "normalized_to_pixels")
 
 
-def pixels_to_grid(boxes, patch_size: float):
-    """Pixel boxes -> patch-grid units (divide by the patch size; RoIAlign's spatial_scale)."""
-    return _scale_xy(boxes, 1.0 / patch_size, 1.0 / patch_size, "pixels_to_grid")
-
-
-def grid_to_pixels(boxes, patch_size: float):
-    """Patch-grid boxes -> pixels (multiply by the patch size)."""
-    return _scale_xy(boxes, patch_size, patch_size, "grid_to_pixels")
-
-
 def clip_boxes(boxes, image_size):
     """Clip xyxy boxes to [0, width] x [0, height]."""
     height, width = _size_pair(image_size, "clip_boxes")
@@ -118,33 +104,21 @@ def clip_boxes(boxes, image_size):
     )
 
 
-def box_area(boxes):
-    """Area of xyxy boxes; negative extents count as zero."""
-    xp, boxes = _check(boxes, "box_area")
-    x1, y1, x2, y2 = _split(boxes)
-    return xp.maximum(x2 - x1, 0) * xp.maximum(y2 - y1, 0)
+def box_faults(boxes, image_size, *, tolerance: float = 0.0, min_size: float = 0.0):
+    """The validity rule of xyxy boxes: per box, the first rule it breaks, as an int code.
 
-
-def valid_box_mask(boxes, image_size=None, min_size: float = 0.0, require_inside: bool = False):
-    """Boolean mask of usable xyxy boxes.
-
-    A box is valid when it has positive width and height, both at least ``min_size``, and, with
-    ``require_inside`` (needs ``image_size`` = (h, w)), lies fully inside the image. Without
-    ``require_inside`` but with ``image_size``, the box must overlap the image with positive area.
+    ``OK`` (0): usable. ``NON_FINITE``: a coordinate is NaN or infinite. ``EMPTY``: x2 <= x1 or y2 <= y1.
+    ``TOO_SMALL``: width or height below ``min_size``. ``OUTSIDE``: beyond [0, width] x [0, height] of
+    ``image_size`` = (h, w) by more than ``tolerance`` (in the boxes' units: (1, 1) for normalised boxes).
     """
-    xp, boxes = _check(boxes, "valid_box_mask")
+    xp, boxes = _check(boxes, "box_faults")
+    height, width = _size_pair(image_size, "box_faults")
     x1, y1, x2, y2 = _split(boxes)
-    w, h = x2 - x1, y2 - y1
-    mask = (w > 0) & (h > 0) & (w >= min_size) & (h >= min_size)
-    if require_inside and image_size is None:
-        raise ValueError("valid_box_mask: require_inside=True needs image_size=(height, width)")
-    if image_size is not None:
-        height, width = _size_pair(image_size, "valid_box_mask")
-        if require_inside:
-            mask = mask & (x1 >= 0) & (y1 >= 0) & (x2 <= width) & (y2 <= height)
-        else:
-            mask = mask & (box_area(clip_boxes(boxes, image_size)) > 0)
-    return mask
+    with np.errstate(invalid="ignore"):  # inf - inf: such boxes are NON_FINITE already
+        small = (x2 - x1 < min_size) | (y2 - y1 < min_size)
+    outside = (x1 < -tolerance) | (y1 < -tolerance) | (x2 > width + tolerance) | (y2 > height + tolerance)
+    rules = [~xp.isfinite(boxes).all(axis=-1), (x2 <= x1) | (y2 <= y1), small, outside]
+    return xp.select(rules, [NON_FINITE, EMPTY, TOO_SMALL, OUTSIDE], OK)
 
 
 def enlarge_boxes(boxes, scale: float = 1.5, image_size=None):
