@@ -31,6 +31,7 @@ from flax import nnx
 from harmoclip_jax import checkpoint as ckpt_lib
 from harmoclip_jax import config_lib, distributed, evaluators, losses, optim, sharding
 from harmoclip_jax import workdir as workdir_lib
+from harmoclip_jax.data import registry as data_registry
 from harmoclip_jax.metrics_writer import MetricsWriter
 from harmoclip_jax.models import glue as glue_lib
 from harmoclip_jax.models import registry
@@ -382,11 +383,12 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     for ev in config.evals.values():
         datasets.setdefault(ev.dataset, []).append(ev.split)
     for dataset in datasets:
-        if dataset.split("/")[0] == "scenes":
+        entry = data_registry.lookup(dataset)
+        if entry is not None and entry.generated:
             continue  # generated on first use
         import tensorflow_datasets as tfds
 
-        evaluators.common.register_datasets(dataset)
+        data_registry.register(dataset)
         try:
             prepared = tfds.builder(dataset, data_dir=config.data.data_dir).is_prepared()
         except Exception:  # noqa: BLE001 - unknown name / config: same advice
@@ -394,15 +396,9 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
         if not prepared:
             raise FileNotFoundError(
                 f"dataset {dataset!r} is not prepared in data_dir={config.data.data_dir!r}. Download the files "
-                "listed in docs/datasets.md, then build it with\n  python -m harmoclip_jax.data.prepare --dataset "
-                f"{_prepare_name(dataset)} --manual_dir DIR --data_dir {config.data.data_dir or '~/tensorflow_datasets'}"
+                f"listed in docs/datasets.md, then build it with\n  "
+                f"{data_registry.prepare_command(dataset, config.data.data_dir)}"
                 "\nand pass --config.data.data_dir if it is not the TFDS default.")
-
-
-def _prepare_name(dataset: str) -> str:
-    from harmoclip_jax.data import registry
-
-    return registry.prepare_name(dataset)
 
 
 # ------------------------------------------------------------------------------------------------ loop

@@ -42,18 +42,13 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def register_datasets(dataset: str) -> None:
-    """Imports the module that registers `dataset`'s TFDS builder (see `data.registry`)."""
-    from harmoclip_jax.data import registry
-
-    registry.register(dataset)
-
-
 def dataset_metadata(dataset: str, data_dir: str | None) -> dict:
     """The TFDS metadata dict (`class_names`, `is_thing`, ...) of a prepared dataset."""
     import tensorflow_datasets as tfds
 
-    register_datasets(dataset)
+    from harmoclip_jax.data import registry
+
+    registry.register(dataset)
     builder = tfds.builder(dataset, data_dir=data_dir)
     return dict(builder.info.metadata or {})
 

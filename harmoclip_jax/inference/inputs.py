@@ -132,28 +132,23 @@ def check_boxes(boxes, image_size: tuple[int, int], box_format: str = "xyxy", wh
         raise InputError(f"{where}: boxes must have shape (T, 4) ({box_format} pixels), got {array.shape}{hint}")
     if len(array) == 0:
         raise InputError(f"{where}: no boxes given; pass at least one {box_format} pixel box")
-    if not np.all(np.isfinite(array)):
-        bad = int(np.flatnonzero(~np.isfinite(array).all(1))[0])
-        raise InputError(f"{where}: box {bad} {array[bad].tolist()} has a non-finite coordinate")
     xyxy = {"xyxy": lambda b: b, "xywh": box_ops.xywh_to_xyxy, "cxcywh": box_ops.cxcywh_to_xyxy}[box_format](array)
     width, height = image_size
-    for i, (x1, y1, x2, y2) in enumerate(xyxy):
-        given = array[i].tolist()
-        if x2 <= x1 or y2 <= y1:
-            raise InputError(
-                f"{where}: box {i} {given} has x2 <= x1 or y2 <= y1 as {box_format}. Boxes are pixel "
-                f"(x1, y1, x2, y2) corners by default; for (x, y, width, height) pass box_format='xywh' "
-                f"(CLI: --box_format=xywh)")
-        if x2 - x1 < 1 or y2 - y1 < 1:
-            raise InputError(
-                f"{where}: box {i} {given} is smaller than one pixel of the {width}x{height} image. Boxes are in "
-                "pixels; multiply normalised [0, 1] coordinates by the image width and height")
-        tol = BOX_TOLERANCE_PX
-        if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
-            raise InputError(
-                f"{where}: box {i} {given} ({box_format}) lies outside the image, which is {width} wide and "
-                f"{height} high (x in [0, {width}], y in [0, {height}]); boxes must be pixels of the image as "
-                "given, before any resizing")
+    faults = box_ops.box_faults(xyxy, (height, width), tolerance=BOX_TOLERANCE_PX, min_size=1.0)
+    non_finite = np.flatnonzero(faults == box_ops.NON_FINITE)
+    bad = int(non_finite[0]) if len(non_finite) else (int(np.flatnonzero(faults)[0]) if faults.any() else None)
+    if bad is not None:
+        given, fault = array[bad].tolist(), int(faults[bad])
+        raise InputError(f"{where}: box {bad} {given} " + {
+            box_ops.NON_FINITE: "has a non-finite coordinate",
+            box_ops.EMPTY: f"has x2 <= x1 or y2 <= y1 as {box_format}. Boxes are pixel (x1, y1, x2, y2) corners by "
+                           "default; for (x, y, width, height) pass box_format='xywh' (CLI: --box_format=xywh)",
+            box_ops.TOO_SMALL: f"is smaller than one pixel of the {width}x{height} image. Boxes are in pixels; "
+                               "multiply normalised [0, 1] coordinates by the image width and height",
+            box_ops.OUTSIDE: f"({box_format}) lies outside the image, which is {width} wide and {height} high (x in "
+                             f"[0, {width}], y in [0, {height}]); boxes must be pixels of the image as given, before "
+                             "any resizing",
+        }[fault])
     return box_ops.clip_boxes(xyxy, (height, width)).astype(np.float32)
 
 
