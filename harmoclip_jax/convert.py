@@ -3,6 +3,10 @@
     python -m harmoclip_jax.convert --hf DIR --out CKPT_DIR [--image_size 336]
     python -m harmoclip_jax.convert --open_clip FILE --variant ViT-B/16 --out CKPT_DIR
     python -m harmoclip_jax.convert --params CKPT_DIR --to_hf HF_DIR      # for PyTorch users of our weights
+
+--to_hf writes a complete transformers directory: CLIPModel weights + config, our CLIP tokenizer files and a
+CLIPImageProcessor config reproducing our preprocessing (load with CLIPProcessor.from_pretrained(HF_DIR,
+backend="pil") for pixels identical to ours; see models.convert.save_hf_clip).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ _PARAMS = flags.DEFINE_string("params", None, "A harmoclip_jax params checkpoint
 _VARIANT = flags.DEFINE_string("variant", None, "Architecture of an --open_clip file, e.g. ViT-B/16.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Target image size; resizes the position embedding.")
 _OUT = flags.DEFINE_string("out", None, "Output params checkpoint directory.")
-_TO_HF = flags.DEFINE_string("to_hf", None, "Output Hugging Face directory (export).")
+_TO_HF = flags.DEFINE_string("to_hf", None, "Output Hugging Face directory (export): CLIPModel + CLIPProcessor files.")
 _FORCE = flags.DEFINE_bool("force", False, "Overwrite a non-empty output directory.")
 flags.DEFINE_alias("open-clip", "open_clip")
 flags.DEFINE_alias("image-size", "image_size")
@@ -65,7 +69,8 @@ def main(argv) -> None:
         print(f"wrote params checkpoint {path}  (load: harmoclip_jax.checkpoint.load_params({str(path)!r}))")
     if _TO_HF.value:
         path = convert.save_hf_clip(model, _TO_HF.value)
-        print(f"wrote Hugging Face CLIPModel {path}  (load: transformers.CLIPModel.from_pretrained({str(path)!r}))")
+        print(f"wrote Hugging Face CLIPModel + CLIPProcessor {path}  (load: transformers.CLIPModel.from_pretrained("
+              f"{str(path)!r}), CLIPProcessor.from_pretrained({str(path)!r}, backend='pil'))")
 
 
 if __name__ == "__main__":
