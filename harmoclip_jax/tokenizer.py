@@ -15,6 +15,14 @@ Backends:
   * `Tokenizer.from_hf_dir(path)` - the vocab.json/merges.txt (or tokenizer.json) of a Hugging Face
     CLIP checkpoint directory, through `transformers.CLIPTokenizer`.
 
+Hugging Face files: `clip_bpe()` reads that same vocabulary back out of `instant-clip-tokenizer` (vocab +
+merges in HF's layout) and `save_hf_tokenizer(path)` writes a `CLIPTokenizer` directory from it whose
+ids equal `tokenize`'s for ordinary text: padding "!" (id 0), truncation keeping EOT last, and
+`split_special_tokens` so that "!" or "<|endoftext|>" inside a caption stays plain text. Two
+differences remain on unusual text: HF's CLIPTokenizer cleans with NFC + whitespace collapse +
+lowercase only (no ftfy, no HTML unescape: entities, mojibake, ligatures), and its pre-tokenizer cuts
+the literals "<|startoftext|>"/"<|endoftext|>" out of a punctuation run ("<|endoftext|>!").
+
 Known deviations from open_clip, both confined to characters no caption should contain:
   * U+0345 (combining Greek ypogegrammeni) left uncomposed after NFC: open_clip's regex runs with
     IGNORECASE, case-folds it to iota and ends up dropping it ("a\u0345b" -> "a", "b"); we keep
@@ -26,7 +34,9 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 import os
+import pathlib
 from collections.abc import Iterable, Sequence
 
 import ftfy
@@ -340,3 +350,154 @@ def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_L
 def decode(ids) -> str | list[str]:
     """Text of a token row or of each row of a 2-D array (see `Tokenizer.decode`)."""
     return default_tokenizer().decode(ids)
+
+
+# ---- Hugging Face tokenizer files ---------------------------------------------------------------------
+# Token strings of HF's CLIP vocabulary. Our rows pad with id 0, which is the vocabulary's "!" token, so
+# the exported tokenizer pads with "!" (as open_clip-trained HF checkpoints do).
+HF_BOS_TOKEN = "<|startoftext|>"
+HF_EOS_TOKEN = "<|endoftext|>"
+HF_PAD_TOKEN = "!"
+_END_OF_WORD = "</w>"
+
+
+def _byte_alphabet() -> tuple[list[int], dict[int, str]]:
+    """The byte-level BPE alphabet of GPT-2/CLIP: the 256 byte values in vocabulary order (printable
+    Latin-1 bytes first, then the rest ascending) and the character that stands for each byte in token
+    strings (itself if printable, else chr(256 + n) for the n-th non-printable byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in set(printable)]
+    chars = {b: chr(b) for b in printable}
+    chars.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return printable + others, chars
+
+
+# Byte sequences that complete a partial UTF-8 character before / after a token, so that `decode` shows
+# the token's bytes instead of U+FFFD: a lead byte (+ continuation bytes) for a token that starts inside
+# a character, continuation bytes for one that ends inside a character (0x80/0x90/0xA0 first, to satisfy
+# the narrower second-byte ranges after E0, ED, F0 and F4).
+_UTF8_HEADS = ((), (0xC2,), (0xE1,), (0xF1,), (0xE1, 0x80), (0xF1, 0x80), (0xF1, 0x80, 0x80))
+_UTF8_TAILS = ((),) + tuple((first,) + (0x80,) * extra for extra in range(3) for first in (0x80, 0x90, 0xA0))
+
+
+def _token_bytes(backend, token_id: int, byte_ids: dict[int, int]) -> tuple[bytes, bool]:
+    """(bytes, ends a word) of one vocabulary entry, from `instant_clip_tokenizer.Tokenizer.decode`,
+    which joins the entries' bytes, decodes them as UTF-8 (invalid parts become U+FFFD) and shows the
+    end-of-word marker as a space."""
+    text = backend.decode([token_id])
+    end_of_word = text.endswith(" ")
+    body = text[:-1] if end_of_word else text
+    if "\ufffd" not in body:
+        return body.encode("utf-8"), end_of_word
+    # Part of a multi-byte character: decode it between bytes that complete the character; the
+    # completion with the fewest U+FFFD left is the one that made every byte visible.
+    best = None
+    for head in _UTF8_HEADS:
+        for tail in ((),) if end_of_word else _UTF8_TAILS:
+            shown = backend.decode([byte_ids[b] for b in head] + [token_id] + [byte_ids[b] for b in tail])
+            raw = (shown[:-1] if end_of_word else shown).encode("utf-8")
+            if not (raw.startswith(bytes(head)) and raw.endswith(bytes(tail))):
+                continue
+            middle = raw[len(head):len(raw) - len(tail)]
+            if middle.decode("utf-8", "replace") != body:
+                continue
+            if best is None or shown.count("\ufffd") < best[0]:
+                best = (shown.count("\ufffd"), middle)
+    if best is None:
+        raise RuntimeError(f"instant-clip-tokenizer: cannot recover the bytes of token {token_id} ({text!r}).")
+    return best[1], end_of_word
+
+
+def _bpe_ids(word_ids: list[int], pair_ranks: dict[tuple[int, int], int], first_merge_id: int) -> list[int]:
+    """Byte-pair encoding of one word given as vocabulary ids of its bytes, with the merges in `pair_ranks`
+    ((left id, right id) -> rank; merge r creates id first_merge_id + r)."""
+    pieces = list(word_ids)
+    while len(pieces) > 1:
+        rank, i = min((pair_ranks.get((pieces[i], pieces[i + 1]), sot_token), i) for i in range(len(pieces) - 1))
+        if rank == sot_token:  # no known pair left (sot_token is beyond every rank)
+            break
+        pieces[i:i + 2] = [first_merge_id + rank]
+    return pieces
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_bpe_from_instant_tokenizer() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(token strings by id, merges by rank) of the vocabulary compiled into instant-clip-tokenizer.
+
+    It has no API for its merge list, but the list is implied by the vocabulary: CLIP's ids are the 256
+    bytes, the same with the end-of-word marker, then one id per merge in rank order, then SOT/EOT. So
+    merge r is the pair that forms entry 512 + r out of two earlier entries; where several splits of
+    the entry are earlier entries, it is the split that BPE with the merges before r produces (the pair
+    the merge was learnt from).
+    """
+    backend = Tokenizer.default()._backend._tok
+    order, chars = _byte_alphabet()
+    byte_ids = {b: i for i, b in enumerate(order)}
+    entries = [(bytes([b]), False) for b in order] + [(bytes([b]), True) for b in order]
+    first_merge_id = len(entries)
+    ids = {entry: i for i, entry in enumerate(entries)}
+    pair_ranks: dict[tuple[int, int], int] = {}
+    for token_id in range(first_merge_id, sot_token):
+        word, end_of_word = _token_bytes(backend, token_id, byte_ids)
+        splits = [(ids.get((word[:k], False)), ids.get((word[k:], end_of_word))) for k in range(1, len(word))]
+        splits = [pair for pair in splits if None not in pair]
+        if len(splits) != 1:
+            word_ids = [byte_ids[b] for b in word]
+            word_ids[-1] += 256 if end_of_word else 0
+            splits = [tuple(_bpe_ids(word_ids, pair_ranks, first_merge_id))]
+        if len(splits[0]) != 2 or (word, end_of_word) in ids:
+            raise RuntimeError(f"instant-clip-tokenizer: token {token_id} ({word!r}) is not a new merge of "
+                               "two earlier tokens; not the OpenAI CLIP vocabulary.")
+        pair_ranks[splits[0]] = token_id - first_merge_id
+        ids[(word, end_of_word)] = token_id
+        entries.append((word, end_of_word))
+
+    tokens = tuple("".join(chars[b] for b in word) + (_END_OF_WORD if end_of_word else "")
+                   for word, end_of_word in entries) + (HF_BOS_TOKEN, HF_EOS_TOKEN)
+    merges = tuple((tokens[a], tokens[b]) for a, b in pair_ranks)  # dicts keep insertion (= rank) order
+    if len(tokens) != vocab_size:
+        raise RuntimeError(f"instant-clip-tokenizer has {len(tokens)} tokens, expected {vocab_size}.")
+    return tokens, merges
+
+
+def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The CLIP BPE that `tokenize` uses, in Hugging Face's layout: `(vocab, merges)` with vocab
+    {token string: id} (vocab.json) and merges [(left, right)] in rank order (merges.txt).
+
+    Read out of instant-clip-tokenizer (no files, no torch): a few seconds the first time, then cached.
+    """
+    tokens, merges = _clip_bpe_from_instant_tokenizer()
+    return {token: i for i, token in enumerate(tokens)}, list(merges)
+
+
+def save_hf_tokenizer(path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH) -> pathlib.Path:
+    """Writes a `transformers.CLIPTokenizer` directory for `tokenize`'s vocabulary and row layout.
+
+    Files: vocab.json, merges.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json.
+    `CLIPTokenizer.from_pretrained(path)(texts, padding="max_length", truncation=True)` then gives
+    `tokenize(texts, context_length)`'s ids (model_max_length = context_length, pad "!" = id 0) for
+    ordinary text; see the module docstring for the cleaning it lacks.
+    """
+    context_length = _check_context_length(context_length)
+    from transformers import CLIPTokenizer  # lazy: only the export needs it
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_bpe()
+    special = {"bos_token": HF_BOS_TOKEN, "eos_token": HF_EOS_TOKEN, "unk_token": HF_EOS_TOKEN,
+               "pad_token": HF_PAD_TOKEN}
+    hf = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length,
+                       split_special_tokens=True, **special)
+    ids = {name: hf.convert_tokens_to_ids(token) for name, token in special.items()}
+    if (ids["bos_token"], ids["eos_token"], ids["pad_token"]) != (sot_token, eot_token, pad_token):
+        raise RuntimeError(f"internal: exported tokenizer has special ids {ids}")
+    hf.save_pretrained(path)  # tokenizer.json + tokenizer_config.json
+    # The plain BPE files too, for readers that build the tokenizer from them.
+    with open(path / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(path / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    with open(path / "special_tokens_map.json", "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=2)
+    return path

@@ -76,7 +76,9 @@ def test_convert_cli_hf_to_orbax_and_back(tmp_path):
     assert model.config.vision.image_size == 96
     run = _cli("--params", str(tmp_path / "ckpt"), "--to_hf", str(tmp_path / "hf2"))
     assert run.returncode == 0, run.stderr
-    assert (tmp_path / "hf2" / "model.safetensors").exists()
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "vocab.json", "merges.txt",
+                 "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"):
+        assert (tmp_path / "hf2" / name).exists(), name  # the complete CLIPModel + CLIPProcessor directory
 
 
 def test_convert_cli_usage_errors(tmp_path):

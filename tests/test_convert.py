@@ -2,6 +2,7 @@
 checkpoint converters, plus export round trips and position-embedding resizing."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -100,6 +101,8 @@ def test_save_hf_clip_round_trip(tiny_hf, tmp_path):
             np.testing.assert_array_equal(p.numpy(), original[name], err_msg=name)
     again = convert.load_hf_clip(out)
     assert again.config == model.config
+    bare = convert.save_hf_clip(model, tmp_path / "bare", with_processor=False)
+    assert sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors"]
 
 
 @pytest.mark.slow
@@ -203,3 +206,102 @@ def test_hf_config_json_round_trip(tiny_hf):
     hf_cfg = json.loads((path / "config.json").read_text())
     cfg = convert.config_from_hf(hf_cfg)
     assert cfg == get_config("test-tiny", logit_scale_init=cfg.logit_scale_init)
+
+
+def _random_model(config, seed):
+    """Our CLIP with random values in every parameter (biases and LayerNorm offsets included, as
+    `reference.randomize_`), built shape-first: eager initialisation would compile every op."""
+    from flax import nnx, traverse_util
+
+    from harmoclip_jax.models.clip import abstract_model
+
+    model = abstract_model(config)
+    state = nnx.state(model, nnx.Param)
+    gen = np.random.default_rng(seed)
+    params = {}
+    for key, leaf in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items():
+        noise = gen.standard_normal(leaf.shape).astype(np.float32)
+        value = 1 + 0.1 * noise if key[-1] == "scale" else 2.6592 + 0.3 * noise if key[-1] == "logit_scale" \
+            else 0.02 * noise
+        params[key] = jnp.asarray(value)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(params))
+    nnx.update(model, state)
+    return model
+
+
+def _structured_image(height, width):
+    """uint8 RGB with gradients, stripes and a solid block (resizing has something to get wrong)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.stack([xx * 255 // max(width - 1, 1), (yy * 37) % 256, ((xx // 4 + yy // 4) % 2) * 255], -1)
+    image = image.astype(np.uint8)
+    image[height // 5:height // 2, width // 4:width // 2] = (250, 10, 40)
+    return image
+
+
+def test_hf_export_processor_matches_our_tokenizer_and_pipeline(tmp_path):
+    """The export is a complete HF directory: CLIPProcessor + CLIPModel on raw texts and uint8 images give our
+    token ids exactly and our features (our tokenizer/pipeline + our model) within 1e-4."""
+    from harmoclip_jax.data.pipeline import decode_image
+    from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
+    from harmoclip_jax.tokenizer import tokenize
+
+    ensure_torch_reference_stack()
+    from transformers import CLIPModel, CLIPProcessor
+
+    config = get_config("test-tiny", text_context_length=32)  # model_max_length must follow the model
+    model = _random_model(config, seed=11)
+    out = convert.save_hf_clip(model, tmp_path / "export")
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "preprocessor_config.json"):
+        assert (out / name).is_file(), name
+    default = CLIPProcessor.from_pretrained(out)  # the default image backend (torchvision when installed) loads too
+    assert default.tokenizer.model_max_length == 32
+    # The PIL backend's resize is the pipeline's (PIL bicubic); torchvision's differs (see hf_image_processor_dict).
+    processor = CLIPProcessor.from_pretrained(out, backend="pil")
+    hf = CLIPModel.from_pretrained(out).eval()
+    assert (hf.config.text_config.eos_token_id, hf.config.text_config.pad_token_id) == (49407, 0)
+
+    texts = ["A photo of a CAT!!", "Hello, world... (it's) 3.14 & more?! :-)", "  two   DOGS\tplaying ",
+             "<|endoftext|> isn't special here", "a very long caption about a dog, " * 12]
+    encoded = processor(text=texts, padding="max_length", truncation=True, return_tensors="pt")
+    ours_ids = tokenize(texts, context_length=32)
+    assert encoded["input_ids"].shape == (len(texts), 32)
+    np.testing.assert_array_equal(encoded["input_ids"].numpy(), ours_ids)
+    with torch.no_grad():
+        theirs = hf.get_text_features(**encoded)
+    theirs = getattr(theirs, "pooler_output", theirs).numpy()
+    ours = np.asarray(jax.jit(model.encode_text)(jnp.asarray(ours_ids)))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+    size = config.vision.image_size  # 64: one image is squashed wider, one shrunk, one kept
+    images = [_structured_image(50, 80), _structured_image(100, 100), _structured_image(size, size)]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    want = np.stack([decode_image(image, size) for image in images])
+    np.testing.assert_allclose(pixels.numpy().transpose(0, 2, 3, 1), want, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        theirs = hf.get_image_features(pixel_values=pixels)
+    theirs = getattr(theirs, "pooler_output", theirs).numpy()
+    ours = np.asarray(jax.jit(model.encode_image)(jnp.asarray(want)))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_hf_image_processor_dict_takes_mean_std_and_size():
+    from harmoclip_jax.data.pipeline import CLIP_MEAN, CLIP_STD
+
+    d = convert.hf_image_processor_dict(96)
+    assert d["size"] == d["crop_size"] == {"height": 96, "width": 96} and d["do_center_crop"] is False
+    np.testing.assert_array_equal(np.float32(d["image_mean"]), CLIP_MEAN)
+    np.testing.assert_array_equal(np.float32(d["image_std"]), CLIP_STD)
+    d = convert.hf_image_processor_dict(32, image_mean=(0.5, 0.5, 0.5), image_std=np.array([0.25, 0.5, 1.0]))
+    assert (d["image_mean"], d["image_std"]) == ([0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
+    with pytest.raises(ValueError, match="one value per RGB channel"):
+        convert.hf_image_processor_dict(32, image_mean=(0.5, 0.5))
+
+
+def test_hf_export_refuses_a_tokenizer_that_does_not_fit(tmp_path):
+    from harmoclip_jax.models.clip import abstract_model
+
+    model = abstract_model(get_config("test-tiny", text_vocab_size=1000))
+    with pytest.raises(ValueError, match="with_processor=False"):
+        convert.save_hf_clip(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()  # checked before anything is written

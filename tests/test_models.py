@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from harmoclip_jax.models.clip import CLIP, abstract_model, count_params
+from harmoclip_jax.models.clip import CLIP, abstract_model
+from harmoclip_jax.models.glue import count_params
 from harmoclip_jax.models.variants import VARIANTS, get_config
 
 # open_clip's published counts for the OpenAI architectures.

@@ -1,7 +1,4 @@
 """harmoclip_jax.tokenizer against open_clip's real SimpleTokenizer (loaded from its file, no torchvision)."""
-import gzip
-import importlib.util
-import json
 import os
 import pickle
 import subprocess
@@ -16,8 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harmoclip_jax import tokenizer as tok
-
-OPEN_CLIP_DIR = importlib.util.find_spec("open_clip").submodule_search_locations[0]
 
 HARD_STRINGS = [
     "a photo of a cat",
@@ -71,20 +66,9 @@ def reference(open_clip_tokenizer, texts, context_length=77):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, open_clip_tokenizer):
-    """vocab.json + merges.txt converted from open_clip's bundled BPE file, so no HF checkpoint is downloaded."""
-    directory = tmp_path_factory.mktemp("hf_clip_tokenizer")
-    bpe = os.path.join(OPEN_CLIP_DIR, "bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    byte_chars = list(open_clip_tokenizer.bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars]
-    vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(directory / "vocab.json", "w", encoding="utf-8") as f:
-        json.dump({v: i for i, v in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(directory / "merges.txt", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges))
-    return directory
+def hf_dir(tmp_path_factory):
+    """The Hugging Face tokenizer directory our exporter writes (vocab read out of instant-clip-tokenizer)."""
+    return tok.save_hf_tokenizer(tmp_path_factory.mktemp("hf_clip_tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +87,36 @@ def test_default_matches_open_clip_on_hard_strings(open_clip_tokenizer):
 
     raw = instant_clip_tokenizer.Tokenizer().tokenize_batch(HARD_STRINGS, 77).astype(np.int32)
     assert not np.array_equal(raw, want)
+
+
+def test_clip_bpe_is_open_clips_vocabulary_and_merges(open_clip_tokenizer):
+    """The vocabulary read out of instant-clip-tokenizer is open_clip's bundled BPE, id for id and rank for rank."""
+    vocab, merges = tok.clip_bpe()
+    reference = open_clip_tokenizer._tokenizer
+    specials = {"<start_of_text>": tok.HF_BOS_TOKEN, "<end_of_text>": tok.HF_EOS_TOKEN}  # open_clip's spelling
+    assert vocab == {specials.get(token, token): i for token, i in reference.encoder.items()}
+    assert merges == sorted(reference.bpe_ranks, key=reference.bpe_ranks.get)
+    assert (vocab[tok.HF_BOS_TOKEN], vocab[tok.HF_EOS_TOKEN], vocab[tok.HF_PAD_TOKEN]) == (
+        tok.sot_token, tok.eot_token, tok.pad_token)
+
+
+@pytest.mark.parametrize("files", ["tokenizer.json", "vocab.json+merges.txt"])
+def test_saved_hf_tokenizer_gives_our_ids_in_plain_transformers(tmp_path, files):
+    """What a transformers user gets from the export: our ids for ordinary text, padding, truncation at the
+    context length, "!" and "<|endoftext|>" inside captions as plain text, from either set of files."""
+    from transformers import AutoTokenizer
+
+    directory = tok.save_hf_tokenizer(tmp_path / "tokenizer", context_length=16)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (directory / name).is_file(), name
+    if files != "tokenizer.json":
+        (directory / "tokenizer.json").unlink()
+    hf = AutoTokenizer.from_pretrained(directory)
+    assert hf.model_max_length == 16 and (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (49406, 49407, 0)
+    texts = ["A photo of a CAT!!", "Wow!!! :-) #tag @user $5 100% ...", "  two   DOGS\tplaying ", "it's WE'LL",
+             "<|endoftext|> and <|startoftext|> x", "café naïve 東京 😀", "", "word " * 40]
+    ids = hf(texts, padding="max_length", truncation=True)["input_ids"]
+    np.testing.assert_array_equal(np.array(ids), tok.tokenize(texts, context_length=16))
 
 
 def test_hf_dir_matches_open_clip_on_hard_strings(open_clip_tokenizer, hf_tokenizer):
@@ -221,7 +235,7 @@ def test_from_hf_dir_errors(tmp_path):
 
 
 def test_runtime_needs_no_torch_open_clip_or_transformers(tmp_path):
-    """The default tokenizer must work in an install with only the runtime requirements."""
+    """The default tokenizer and `clip_bpe` must work in an install with only the runtime requirements."""
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = textwrap.dedent(
         """
@@ -239,6 +253,9 @@ def test_runtime_needs_no_torch_open_clip_or_transformers(tmp_path):
         ids = tokenize(["a photo of a cat", "&amp; ﬁsh"])
         assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407], ids[0]
         assert ids[1, :4].tolist() == [49406, 261, 2759, 49407], ids[1]
+        from harmoclip_jax.tokenizer import clip_bpe  # the exporter's vocabulary needs no files either
+        vocab, merges = clip_bpe()
+        assert len(vocab) == 49408 and merges[0] == ("i", "n"), merges[0]
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         assert not loaded, loaded
         print("ok")

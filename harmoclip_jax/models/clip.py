@@ -13,12 +13,12 @@ first L-1 blocks and the last block's qkv projection.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from harmoclip_jax.models import glue
 from harmoclip_jax.models.backbone import Backbone, lazy
 from harmoclip_jax.models.normalization import OPENAI_CLIP
 from harmoclip_jax.models.variants import CLIPConfig, TextConfig, VisionConfig, get_config
@@ -352,10 +352,6 @@ BACKBONE = Backbone(
 )
 
 
-def count_params(model: nnx.Module) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def abstract_model(config: CLIPConfig | str, **overrides) -> CLIP:
     """The model with ShapeDtypeStructs instead of arrays (no memory, no compute)."""
-    return nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0), **overrides))
+    return glue.abstract_model(BACKBONE, get_config(config, **overrides))

@@ -11,12 +11,15 @@ import os
 import pathlib
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from flax import nnx, traverse_util
+from flax import traverse_util
 
-from harmoclip_jax.models.clip import CLIP, abstract_model
+from harmoclip_jax import tokenizer
+from harmoclip_jax.models import glue
+from harmoclip_jax.models.clip import BACKBONE, CLIP
+from harmoclip_jax.models.normalization import OPENAI_CLIP
 from harmoclip_jax.models.variants import CLIPConfig, TextConfig, VisionConfig, get_config
 
 PathLike = str | os.PathLike
@@ -137,7 +140,7 @@ def _name_table(config: CLIPConfig, layout: str) -> list[_Rule]:
 
 
 def _expected_shapes(config: CLIPConfig) -> dict[tuple, tuple]:
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param)))
+    flat = traverse_util.flatten_dict(glue.abstract_params(BACKBONE, config))
     return {k: tuple(v.shape) for k, v in flat.items()}
 
 
@@ -177,7 +180,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: CLIPConfi
 
 def params_to_state_dict(model: CLIP, layout: str) -> dict[str, np.ndarray]:
     """Our model's parameters as a torch-layout state dict of float32 numpy arrays."""
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    flat = traverse_util.flatten_dict(glue.params_of(model))
     out = {}
     for rule in _name_table(model.config, layout):
         for key, value in zip(rule.theirs, rule.to_theirs(np.asarray(flat[rule.ours], np.float32))):
@@ -186,12 +189,8 @@ def params_to_state_dict(model: CLIP, layout: str) -> dict[str, np.ndarray]:
 
 
 def model_from_params(config: CLIPConfig, params: Mapping[tuple, np.ndarray]) -> CLIP:
-    """Builds a CLIP of `config` holding `params` (flat dict keyed like `traverse_util.flatten_dict`)."""
-    model = CLIP(config, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(dict(params)))
-    nnx.update(model, state)
-    return model
+    """A CLIP of `config` holding `params` (flat dict keyed like `traverse_util.flatten_dict`)."""
+    return glue.model_from_params(BACKBONE, config, params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,7 +338,9 @@ def hf_config_dict(config: CLIPConfig) -> dict:
                         "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
                         "vocab_size": t.vocab_size, "hidden_act": config.activation,
                         "layer_norm_eps": config.layer_norm_eps, "projection_dim": config.embed_dim,
-                        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1},
+                        # HF pools the text at the first eos_token_id; pad id 0 is how `tokenize` pads.
+                        "bos_token_id": tokenizer.sot_token, "eos_token_id": tokenizer.eot_token,
+                        "pad_token_id": tokenizer.pad_token},
         "vision_config": {"hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.layers,
                           "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
                           "hidden_act": config.activation, "layer_norm_eps": config.layer_norm_eps,
@@ -347,15 +348,68 @@ def hf_config_dict(config: CLIPConfig) -> dict:
     }
 
 
-def save_hf_clip(model: CLIP, path: PathLike) -> pathlib.Path:
-    """Writes `model` as a HF CLIPModel directory (`config.json` + `model.safetensors`), loadable by
-    `transformers.CLIPModel.from_pretrained(path)` and by `load_hf_clip`."""
+def hf_image_processor_dict(image_size: int, image_mean: Sequence[float] | None = None,
+                            image_std: Sequence[float] | None = None) -> dict:
+    """The `preprocessor_config.json` of a `CLIPImageProcessor` doing what `data.pipeline.decode_image` does: convert
+    to RGB, squash to image_size x image_size with PIL's bicubic resize (no aspect-preserving resize, no crop), scale
+    by 1/255, normalise by image_mean/image_std (default: the CLIP family's, OpenAI CLIP's).
+
+    transformers picks its torchvision backend when torchvision is installed, and no config key changes that. Its
+    bicubic resize runs both passes in float, while PIL rounds and clips the first (horizontal) pass to uint8, so
+    where the kernel overshoots (edges) pixels differ by up to ~10 uint8 levels (torch with a uint8 intermediate
+    reproduces PIL exactly). `CLIPProcessor.from_pretrained(path, backend="pil")` gives the pipeline's pixels
+    (equal within float32 rounding).
+    """
+    image_mean = OPENAI_CLIP[0] if image_mean is None else image_mean
+    image_std = OPENAI_CLIP[1] if image_std is None else image_std
+
+    def channels(values, name):
+        values = [float(v) for v in np.asarray(values, np.float64).reshape(-1)]
+        if len(values) != 3:
+            raise ValueError(f"{name} needs one value per RGB channel, got {len(values)}")
+        # The shortest text that reads back as the same float32 (the pipeline computes in float32).
+        return [float(str(np.float32(v))) for v in values]
+
+    size = int(image_size)
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 3,  # PIL.Image.BICUBIC
+        "do_center_crop": False,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": channels(image_mean, "image_mean"),
+        "image_std": channels(image_std, "image_std"),
+    }
+
+
+def save_hf_clip(model: CLIP, path: PathLike, *, image_mean: Sequence[float] | None = None,
+                 image_std: Sequence[float] | None = None, with_processor: bool = True) -> pathlib.Path:
+    """Writes `model` as a HF CLIPModel directory, loadable by `transformers.CLIPModel.from_pretrained(path)` and by
+    `load_hf_clip`: `config.json` + `model.safetensors`; with `with_processor` (default) also everything
+    `transformers.CLIPProcessor.from_pretrained(path)` reads: the tokenizer files of `tokenizer.save_hf_tokenizer`
+    (our CLIP BPE, model_max_length = the text context length, pad "!" = id 0) and a `preprocessor_config.json` from
+    `hf_image_processor_dict` (the training pipeline's preprocessing at the model's image size; image_mean/image_std
+    default to the CLIP family's, OpenAI CLIP's).
+    """
     from safetensors.numpy import save_file
 
+    if with_processor:
+        if model.config.text.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"the model's text vocabulary has {model.config.text.vocab_size} ids, the CLIP tokenizer "
+                             f"{tokenizer.vocab_size}; export with with_processor=False and add a matching tokenizer")
+        preprocessor = hf_image_processor_dict(model.config.vision.image_size, image_mean, image_std)
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2))
     save_file(params_to_state_dict(model, "hf"), str(path / "model.safetensors"), metadata={"format": "pt"})
+    if with_processor:
+        tokenizer.save_hf_tokenizer(path, context_length=model.config.text.context_length)
+        (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return path
 
 
