@@ -36,12 +36,12 @@ def _reference_images(source, size: int):
 
     from PIL import Image
 
-    from harmoclip_jax.data.pipeline import CLIP_MEAN, CLIP_STD
+    from harmoclip_jax.models.normalization import OPENAI_CLIP
 
     for i in range(len(source)):
         record = source[i]
         picture = Image.open(io.BytesIO(record["image"])).convert("RGB").resize((size, size), Image.BICUBIC)
-        yield record, (np.asarray(picture, np.float32) / 255 - CLIP_MEAN) / CLIP_STD
+        yield record, (np.asarray(picture, np.float32) / 255 - np.float32(OPENAI_CLIP[0])) / np.float32(OPENAI_CLIP[1])
 
 
 def _batches(items, size):

@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 def _reference_batches(source, *, image_size: int, batch_size: int, max_regions: int, num_batches: int):
     from PIL import Image
 
-    from harmoclip_jax.data.pipeline import CLIP_MEAN, CLIP_STD, lexeme_id
+    from harmoclip_jax.data.pipeline import lexeme_id
+    from harmoclip_jax.models.normalization import OPENAI_CLIP
     from harmoclip_jax.tokenizer import tokenize
 
     rng = np.random.default_rng(0)
@@ -38,7 +39,7 @@ def _reference_batches(source, *, image_size: int, batch_size: int, max_regions:
             record = source[int(order[position % len(order)])]
             position += 1
             picture = Image.fromarray(record["image"]).resize((image_size, image_size), Image.BICUBIC)
-            image = (np.asarray(picture, np.float32) / 255 - CLIP_MEAN) / CLIP_STD
+            image = (np.asarray(picture, np.float32) / 255 - np.float32(OPENAI_CLIP[0])) / np.float32(OPENAI_CLIP[1])
             regions = record["regions"]
             n = min(len(regions["label"]), max_regions)
             texts = [rng.choice(record["captions"]).decode()] + [c.decode() for c in regions["caption"][:n]]

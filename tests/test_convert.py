@@ -286,12 +286,12 @@ def test_hf_export_processor_matches_our_tokenizer_and_pipeline(tmp_path):
 
 
 def test_hf_image_processor_dict_takes_mean_std_and_size():
-    from harmoclip_jax.data.pipeline import CLIP_MEAN, CLIP_STD
+    from harmoclip_jax.models.normalization import OPENAI_CLIP
 
     d = convert.hf_image_processor_dict(96)
     assert d["size"] == d["crop_size"] == {"height": 96, "width": 96} and d["do_center_crop"] is False
-    np.testing.assert_array_equal(np.float32(d["image_mean"]), CLIP_MEAN)
-    np.testing.assert_array_equal(np.float32(d["image_std"]), CLIP_STD)
+    np.testing.assert_array_equal(np.float32(d["image_mean"]), np.float32(OPENAI_CLIP[0]))
+    np.testing.assert_array_equal(np.float32(d["image_std"]), np.float32(OPENAI_CLIP[1]))
     d = convert.hf_image_processor_dict(32, image_mean=(0.5, 0.5, 0.5), image_std=np.array([0.25, 0.5, 1.0]))
     assert (d["image_mean"], d["image_std"]) == ([0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
     with pytest.raises(ValueError, match="one value per RGB channel"):

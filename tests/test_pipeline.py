@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from harmoclip_jax.data import pipeline, scenes
 from harmoclip_jax.data.features import record_features
+from harmoclip_jax.models.normalization import OPENAI_CLIP
 from harmoclip_jax.tokenizer import tokenize
 
 SIZE = 32  # model input size in these tests (the tiny dataset stores 64 px images)
@@ -97,7 +98,8 @@ def test_decode_image_squashes_and_normalises():
     Image.new("RGB", (40, 20), (255, 0, 128)).save(buffer, format="PNG")
     image = pipeline.decode_image(buffer.getvalue(), 16)
     assert image.shape == (16, 16, 3) and image.dtype == np.float32
-    expected = (np.array([255, 0, 128]) / 255 - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
+    mean, std = (np.asarray(v, np.float32) for v in OPENAI_CLIP)
+    expected = (np.array([255, 0, 128]) / 255 - mean) / std
     np.testing.assert_allclose(image, np.broadcast_to(expected, (16, 16, 3)), atol=1e-5)
 
 
