@@ -396,3 +396,67 @@ def test_sharded_loss_is_global_not_per_shard_mean():
         for i in range(8)
     ]
     assert abs(np.mean(shards) - global_value) > 1e-2
+
+
+# ---------------------------------------------------------------- behaviour pinned from the pre-table code
+# Computed once with losses.py as of commit a185648 (before the loss-term table), eager on CPU, inputs
+# make_inputs(21) with lexeme_id % V. Per config: required outputs, required batch keys, the float32 bit
+# pattern of every term and of the total, and a float64 checksum of the gradients w.r.t. every output.
+# A different CPU or an XLA upgrade may change the last bits; re-pin only after checking losses.py did not change.
+
+PINNED = [
+    ("harmoclip", {}, "image_embed lexeme_embed logit_scale region_embed region_text_embed text_embed", "box_mask lexeme_id",
+     {"gc": 0x406B67C4, "gr": 0x4084752D, "lrc": 0x40025B4C, "total": 0x411DAB5A}, "0x1.9523e4efa0000p+2"),
+    ("harmoclip", {"gr_variant": "b"}, "image_embed lexeme_embed logit_scale region_embed text_embed", "box_mask lexeme_id",
+     {"gc": 0x406B67C4, "gr": 0x405D8D90, "lrc": 0x40025B4C, "total": 0x4112D428}, "0x1.7a60dcae00000p+3"),
+    ("harmoclip", {"gr_variant": "c"}, "crop_embed image_embed lexeme_embed logit_scale region_embed text_embed",
+     "box_mask lexeme_id", {"gc": 0x406B67C4, "gr": 0x3F65D223, "lrc": 0x40025B4C, "total": 0x40D39BCC}, "0x1.91f14f8980000p+1"),
+    ("harmoclip", {"lrc_negatives": "vocab"},
+     "image_embed lexeme_vocab_embed logit_scale region_embed region_text_embed text_embed", "box_mask lexeme_id",
+     {"gc": 0x406B67C4, "gr": 0x4084752D, "lrc": 0x40141BE3, "total": 0x41221B80}, "0x1.95f1f1c0e0000p+2"),
+    ("harmoclip", {"lrc_duplicates": "mask"}, "image_embed lexeme_embed logit_scale region_embed region_text_embed text_embed",
+     "box_mask lexeme_id", {"gc": 0x406B67C4, "gr": 0x4084752D, "lrc": 0x408E0A74, "total": 0x414419C2}, "0x1.8c567b5090000p+3"),
+    ("clip", {}, "image_embed logit_scale text_embed", "", {"gc": 0x406B67C4, "total": 0x406B67C4}, "0x1.08e7529c00000p+0"),
+    ("fineclip", {}, "crop_embed image_embed logit_scale region_embed region_text_embed text_embed", "box_mask",
+     {"gc": 0x406B67C4, "rc": 0x4084752D, "sd": 0x3F65D223, "total": 0x410B71AA}, "0x1.7df84a23a0000p+1"),
+    ("fineclip", {"sd_stop_grad": True}, "crop_embed image_embed logit_scale region_embed region_text_embed text_embed",
+     "box_mask", {"gc": 0x406B67C4, "rc": 0x4084752D, "sd": 0x3F65D223, "total": 0x410B71AA}, "0x1.7b66313140000p+1"),
+    ("clipself", {}, "region_embed teacher_crop_embed", "box_mask", {"sd": 0x3F815269, "total": 0x3F815269},
+     "-0x1.5ff829c000000p-8"),
+    ("regionclip", {}, "concept_embed logit_scale region_embed teacher_region_embed", "box_mask",
+     {"concept": 0x4174991B, "total": 0x4174991B}, "-0x1.7da5734b80000p+3"),
+    ("regionclip", {"concept_teacher": "crop", "concept_threshold": 0.05, "concept_temperature": 0.02, "weights.gc": 1.0},
+     "concept_embed image_embed logit_scale region_embed teacher_crop_embed text_embed", "box_mask",
+     {"concept": 0x417FDBD8, "gc": 0x406B67C4, "total": 0x419D5AE4}, "-0x1.21be728ec0000p+4"),
+    ("harmoclip", {"weights.gc": 0.5, "weights.lrc": 2.0, "weights.gr": 0.25, "weights.rc": 1.5, "weights.sd": 0.75,
+                   "weights.concept": 3.0, "sd_target": "teacher", "gr_variant": "b"},
+     "concept_embed image_embed lexeme_embed logit_scale region_embed region_text_embed teacher_crop_embed "
+     "teacher_region_embed text_embed", "box_mask lexeme_id",
+     {"concept": 0x4174991B, "gc": 0x406B67C4, "gr": 0x405D8D90, "lrc": 0x40025B4C, "rc": 0x4084752D, "sd": 0x3F815269,
+      "total": 0x426E6D99}, "-0x1.a880625b55000p+5"),
+]
+
+
+@pytest.mark.parametrize("method,overrides,outputs_needed,batch_needed,bits,grad_checksum", PINNED)
+def test_total_loss_bitwise_equal_to_pre_table_code(method, overrides, outputs_needed, batch_needed, bits, grad_checksum):
+    config = _config(method, overrides)
+    assert L.required_outputs(config) == set(outputs_needed.split())
+    assert L.required_batch_keys(config) == set(batch_needed.split())
+    outputs, batch = make_inputs(21)
+    batch["lexeme_id"] = batch["lexeme_id"] % V
+    (_, terms), grads = jax.value_and_grad(lambda o: L.total_loss(config, o, batch), has_aux=True)(_select(outputs, config))
+    assert {k: int(np.asarray(v, np.float32).view(np.uint32)) for k, v in terms.items()} == bits
+    checksum = sum((i + 1) * float(np.asarray(grads[k], np.float64).sum()) for i, k in enumerate(sorted(grads)))
+    assert checksum.hex() == grad_checksum
+
+
+def test_default_loss_configs_pinned():
+    base = dict(concept_teacher="region", concept_temperature=0.01, concept_threshold=0.1, gr_variant="a",
+                lrc_duplicates="positive", lrc_negatives="batch", sd_stop_grad=False, sd_target="student")
+    weights = {"harmoclip": "gc lrc gr", "clip": "gc", "fineclip": "gc rc sd", "clipself": "sd", "regionclip": "concept"}
+    assert L.METHODS == tuple(weights)
+    for method, on in weights.items():
+        want = dict(base, method=method, weights={t: float(t in on.split()) for t in ("gc", "lrc", "gr", "rc", "sd", "concept")})
+        if method == "clipself":
+            want.update(sd_target="teacher", sd_stop_grad=True)
+        assert L.default_loss_config(method).to_dict() == want, method
