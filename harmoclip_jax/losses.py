@@ -24,9 +24,21 @@ Only the keys a config needs are present (``required_outputs(config)`` lists the
 Masks are explicit everywhere: padded region slots are excluded from the softmax denominators (as
 rows and as columns) and from every average, so their content never changes a loss or a gradient.
 
-Sharding: the losses are written on the global batch. Under ``jax.jit`` with the batch sharded over
-a ``data`` mesh axis, GSPMD computes exactly the global result (every device's regions are negatives
-for every other device's), with gradients flowing to all shards (tests/test_losses.py proves it).
+Sharding: the losses are plain jnp math on the global batch, with no collectives and no per-shard
+reductions. Called under ``jax.jit`` on a batch sharded over a ``data`` mesh axis, GSPMD therefore
+computes the global result (every device's regions are negatives for every other device's). Wrapping
+them in ``shard_map`` would change that: each shard would only see its own negatives
+(tests/test_losses.py checks both).
+
+Loss-term table: ``LOSS_TERMS`` holds one ``LossTerm`` per weighted term: its default weight per
+method, its variants (``LossVariant``: the ``outputs`` and ``batch`` keys it reads and its function)
+selected by one config field, and the other config fields it reads (``LossOption``).
+``default_loss_config``, ``validate_loss_config``, ``required_outputs``, ``required_batch_keys`` and
+``total_loss`` are all read off it. To add a term: write its loss function, add one ``LossTerm``
+(or one ``LossVariant`` to an existing term) to ``LOSS_TERMS``; a new model output also needs its
+producer in the trainer. Image-text scores go through ``scaled_cosine_logits`` (CLIP's
+exp(logit_scale) * cos), so e.g. a sigmoid (SigLIP) GC would be one more variant of ``gc``, selected
+by a new option field, reading an extra ``logit_bias`` output.
 
 Terms (``total_loss`` returns each one unweighted, plus ``total``):
   gc      symmetric InfoNCE image <-> caption (open_clip ClipLoss formula).
@@ -45,14 +57,25 @@ Terms (``total_loss`` returns each one unweighted, plus ``total``):
 
 from __future__ import annotations
 
+import dataclasses
+import types
+from typing import Any, Callable, Mapping
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 __all__ = [
     "METHODS",
+    "TERMS",
     "GR_VARIANTS",
+    "LossOption",
+    "LossVariant",
+    "LossTerm",
+    "LOSS_TERMS",
+    "check_loss_table",
     "l2_normalize",
+    "scaled_cosine_logits",
     "masked_info_nce",
     "global_contrastive_loss",
     "lexeme_region_contrastive_loss",
@@ -70,12 +93,7 @@ __all__ = [
 ]
 
 METHODS = ("harmoclip", "clip", "fineclip", "clipself", "regionclip")
-GR_VARIANTS = ("a", "b", "c")
-TERMS = ("gc", "lrc", "gr", "rc", "sd", "concept")
-_LRC_NEGATIVES = ("batch", "vocab")
 _LRC_DUPLICATES = ("positive", "mask")
-_SD_TARGETS = ("student", "teacher")
-_CONCEPT_TEACHERS = ("region", "crop")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,6 +107,15 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
     # Clamp the squared norm before the sqrt: sqrt's derivative at 0 is inf, and inf * 0 = NaN
     # would leak into the gradient of an all-zero (e.g. fully padded, pooled) vector.
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+def scaled_cosine_logits(queries, keys, logit_scale):
+    """CLIP's score, the one place ``logit_scale`` is applied: exp(logit_scale) * cos(query, key).
+
+    ``queries`` (..., E) against ``keys`` (K, E) gives (..., K). Every contrastive term scores pairs
+    with it; a sigmoid (SigLIP-style) term would add its bias on top of these logits.
+    """
+    return jnp.exp(logit_scale) * l2_normalize(queries) @ l2_normalize(keys).T
 
 
 def _masked_mean(values, mask):
@@ -137,13 +164,12 @@ def masked_info_nce(queries, keys, logit_scale, valid=None, positive=None, negat
       (mean_i CE(query_i -> keys) + mean_i CE(key_i -> queries)) / 2 over valid items, where a row's
       loss is -log of the softmax mass on its positives.
     """
-    queries, keys = l2_normalize(queries), l2_normalize(keys)
     n = queries.shape[0]
     valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
     eye = jnp.eye(n, dtype=bool)
     positive = eye if positive is None else (positive.astype(bool) | eye)
     allowed = jnp.ones((n, n), bool) if negative is None else (negative.astype(bool) | positive)
-    logits = jnp.exp(logit_scale) * queries @ keys.T
+    logits = scaled_cosine_logits(queries, keys, logit_scale)
     # Columns a row may see: the valid ones it is allowed to compare with.
     q_to_k = _multi_positive_nce(jnp.where(allowed, logits, -jnp.inf), valid, valid, positive & allowed)
     k_to_q = _multi_positive_nce(jnp.where(allowed.T, logits.T, -jnp.inf), valid, valid, positive.T & allowed.T)
@@ -195,11 +221,10 @@ def lexeme_vocab_contrastive_loss(region_embed, lexeme_vocab_embed, box_mask, le
     One direction only (region -> vocabulary): vocabulary entries absent from the batch have no
     region to point at. ``lexeme_id`` indexes the vocabulary; ids of padded slots are ignored.
     """
-    regions = l2_normalize(_flatten_regions(region_embed))
-    vocab = l2_normalize(lexeme_vocab_embed)
-    logits = jnp.exp(logit_scale) * regions @ vocab.T  # (N, V)
-    target = lexeme_id.reshape(-1)[:, None] == jnp.arange(vocab.shape[0])[None, :]
-    return _multi_positive_nce(logits, box_mask.reshape(-1), jnp.ones((vocab.shape[0],), bool), target)
+    logits = scaled_cosine_logits(_flatten_regions(region_embed), lexeme_vocab_embed, logit_scale)  # (N, V)
+    v = lexeme_vocab_embed.shape[0]
+    target = lexeme_id.reshape(-1)[:, None] == jnp.arange(v)[None, :]
+    return _multi_positive_nce(logits, box_mask.reshape(-1), jnp.ones((v,), bool), target)
 
 
 def region_caption_loss(region_embed, region_text_embed, box_mask, logit_scale):
@@ -253,22 +278,202 @@ def concept_loss(region_embed, concept_embed, teacher_embed, box_mask, logit_sca
     take part, which makes the loss deterministic.
     """
     labels, keep = concept_pseudo_labels(teacher_embed, concept_embed, box_mask, temperature, threshold)
-    scale = jax.lax.stop_gradient(jnp.exp(logit_scale))
-    concepts = l2_normalize(concept_embed)
-    logits = scale * l2_normalize(region_embed) @ concepts.T  # (B, T, K)
-    targets = (labels[..., None] == jnp.arange(concepts.shape[0])).astype(logits.dtype)
+    logits = scaled_cosine_logits(region_embed, concept_embed, jax.lax.stop_gradient(logit_scale))  # (B, T, K)
+    targets = (labels[..., None] == jnp.arange(concept_embed.shape[0])).astype(logits.dtype)
     # Numerically stable BCE with logits: max(z, 0) - z*y + log(1 + exp(-|z|)).
     bce = jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     return _masked_mean(jnp.sum(bce, axis=-1), keep)
 
 
 # ----------------------------------------------------------------------------------------------
-# Config, requirements, total
+# The loss-term table
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOption:
+    """A field of the loss config (``config.loss.<field>``) that a term's variants read."""
+
+    field: str
+    default: Any
+    choices: tuple | None = None  # allowed values; None: not checked here (ConfigDict keeps the default's type)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossVariant:
+    """One way to compute a term: the arrays it reads and the function that reads them.
+
+    ``fn(outputs, batch, config)`` returns the unweighted scalar. ``total_loss`` hands it only the
+    ``outputs`` and ``batch`` keys declared here (``box_mask`` as bool), so an undeclared read fails
+    loudly instead of silently depending on what the trainer happened to compute.
+    """
+
+    outputs: tuple[str, ...]
+    batch_keys: tuple[str, ...]
+    fn: Callable[[Mapping[str, Any], Mapping[str, Any], Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+    """A weighted term: ``config.weights[name]`` scales it; it is computed iff that weight is non-zero.
+
+    Attributes:
+      name: key in ``config.weights`` and in ``total_loss``'s terms.
+      weights: default weight per method; methods not listed get 0.
+      variants: the ways to compute it, keyed by the value of ``config[select]``; the first is the default.
+      select: config field choosing the variant ("" for a single variant, keyed "").
+      options: further config fields its variants read.
+      presets: per method, defaults of ``select``/``options`` that differ from the usual ones.
+    """
+
+    name: str
+    weights: Mapping[str, float]
+    variants: Mapping[str, LossVariant]
+    select: str = ""
+    options: tuple[LossOption, ...] = ()
+    presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        # Read-only views: the table is constant.
+        freeze = types.MappingProxyType
+        object.__setattr__(self, "weights", freeze(dict(self.weights)))
+        object.__setattr__(self, "variants", freeze(dict(self.variants)))
+        object.__setattr__(self, "presets", freeze({m: freeze(dict(p)) for m, p in self.presets.items()}))
+
+    def all_options(self) -> tuple[LossOption, ...]:
+        """Every config field this term owns: the variant selector first, then ``options``."""
+        selector = (LossOption(self.select, next(iter(self.variants)), tuple(self.variants)),) if self.select else ()
+        return selector + self.options
+
+    def defaults(self, method: str) -> dict[str, Any]:
+        """The config fields this term owns, with their default values for ``method``."""
+        preset = self.presets.get(method, {})
+        return {opt.field: preset.get(opt.field, opt.default) for opt in self.all_options()}
+
+    def variant(self, config) -> LossVariant:
+        """The variant ``config`` selects."""
+        return self.variants[config[self.select] if self.select else ""]
+
+
+# Variant functions: (outputs, batch, config) -> unweighted scalar, reading only their declared keys.
+
+
+def _gc(o, b, c):
+    return global_contrastive_loss(o["image_embed"], o["text_embed"], o["logit_scale"])
+
+
+def _lrc_batch(o, b, c):
+    return lexeme_region_contrastive_loss(
+        o["region_embed"], o["lexeme_embed"], b["box_mask"], b["lexeme_id"], o["logit_scale"], c.lrc_duplicates
+    )
+
+
+def _lrc_vocab(o, b, c):
+    return lexeme_vocab_contrastive_loss(
+        o["region_embed"], o["lexeme_vocab_embed"], b["box_mask"], b["lexeme_id"], o["logit_scale"]
+    )
+
+
+def _region_caption(o, b, c):
+    return region_caption_loss(o["region_embed"], o["region_text_embed"], b["box_mask"], o["logit_scale"])
+
+
+def _pooled_region_global(o, b, c):
+    return pooled_region_global_loss(o["region_embed"], o["text_embed"], b["box_mask"], o["logit_scale"])
+
+
+def _distill_to_crop(o, b, c):
+    return cosine_distillation_loss(o["region_embed"], o["crop_embed"], b["box_mask"], stop_gradient=True)
+
+
+def _sd(target):
+    def fn(o, b, c):
+        return cosine_distillation_loss(o["region_embed"], o[target], b["box_mask"], stop_gradient=c.sd_stop_grad)
+
+    return LossVariant(("region_embed", target), _MASK, fn)
+
+
+def _concept(teacher):
+    def fn(o, b, c):
+        return concept_loss(o["region_embed"], o["concept_embed"], o[teacher], b["box_mask"], o["logit_scale"],
+                            c.concept_temperature, c.concept_threshold)
+
+    return LossVariant(("region_embed", "concept_embed", teacher, "logit_scale"), _MASK, fn)
+
+
+_MASK, _MASK_IDS = ("box_mask",), ("box_mask", "lexeme_id")
+_REGION_CAPTION = LossVariant(("region_embed", "region_text_embed", "logit_scale"), _MASK, _region_caption)
+
+# The table. Its order is the order of the terms in ``total_loss`` (and of the floating-point sum).
+LOSS_TERMS: tuple[LossTerm, ...] = (
+    LossTerm(
+        "gc", weights={"harmoclip": 1.0, "clip": 1.0, "fineclip": 1.0},
+        variants={"": LossVariant(("image_embed", "text_embed", "logit_scale"), (), _gc)},
+    ),
+    LossTerm(
+        "lrc", weights={"harmoclip": 1.0}, select="lrc_negatives",
+        variants={
+            "batch": LossVariant(("region_embed", "lexeme_embed", "logit_scale"), _MASK_IDS, _lrc_batch),
+            "vocab": LossVariant(("region_embed", "lexeme_vocab_embed", "logit_scale"), _MASK_IDS, _lrc_vocab),
+        },
+        options=(LossOption("lrc_duplicates", "positive", _LRC_DUPLICATES),),
+    ),
+    LossTerm(
+        "gr", weights={"harmoclip": 1.0}, select="gr_variant",
+        variants={
+            "a": _REGION_CAPTION,
+            "b": LossVariant(("region_embed", "text_embed", "logit_scale"), _MASK, _pooled_region_global),
+            "c": LossVariant(("region_embed", "crop_embed"), _MASK, _distill_to_crop),
+        },
+    ),
+    LossTerm("rc", weights={"fineclip": 1.0}, variants={"": _REGION_CAPTION}),
+    LossTerm(
+        "sd", weights={"fineclip": 1.0, "clipself": 1.0}, select="sd_target",
+        variants={"student": _sd("crop_embed"), "teacher": _sd("teacher_crop_embed")},
+        options=(LossOption("sd_stop_grad", False),),
+        presets={"clipself": {"sd_target": "teacher", "sd_stop_grad": True}},
+    ),
+    LossTerm(
+        "concept", weights={"regionclip": 1.0}, select="concept_teacher",
+        variants={"region": _concept("teacher_region_embed"), "crop": _concept("teacher_crop_embed")},
+        options=(LossOption("concept_temperature", 0.01), LossOption("concept_threshold", 0.1)),
+    ),
+)
+
+
+def check_loss_table(table, methods) -> None:
+    """Raise ValueError if ``table`` is inconsistent (run on ``LOSS_TERMS`` at import)."""
+    names = [t.name for t in table]
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss table: duplicate term names {names}")
+    fields = [opt.field for t in table for opt in t.all_options()]
+    if len(set(fields)) != len(fields) or {"method", "weights"} & set(fields):
+        raise ValueError(f"loss table: config fields must be unique and not 'method'/'weights': {fields}")
+    for t in table:
+        if not t.variants or (not t.select and list(t.variants) != [""]):
+            raise ValueError(f"loss table: term {t.name!r} needs select= for several variants, or one variant keyed ''")
+        if set(t.weights) - set(methods) or set(t.presets) - set(methods):
+            raise ValueError(f"loss table: term {t.name!r} names unknown methods")
+        own = {opt.field for opt in t.all_options()}
+        if any(set(p) - own for p in t.presets.values()):
+            raise ValueError(f"loss table: term {t.name!r} presets fields it does not own")
+    for method in methods:
+        if not any(t.weights.get(method, 0.0) for t in table):
+            raise ValueError(f"loss table: method {method!r} enables no term")
+
+
+check_loss_table(LOSS_TERMS, METHODS)
+TERMS = tuple(t.name for t in LOSS_TERMS)
+GR_VARIANTS = tuple(next(t for t in LOSS_TERMS if t.name == "gr").variants)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config, requirements, total: all read off LOSS_TERMS
 # ----------------------------------------------------------------------------------------------
 
 
 def default_loss_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
-    """Loss config preset for ``method``.
+    """Loss config preset for ``method``: ``method``, ``weights`` and every term's option fields.
 
     Presets: harmoclip = GC + LRC + GR-a; clip = GC; fineclip = GC + SD (student crops, no
     stop-gradient) + RC; clipself = SD against frozen-teacher crops; regionclip = concept loss (set
@@ -278,26 +483,10 @@ def default_loss_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown loss method {method!r}; choose one of {METHODS}")
     config = ml_collections.ConfigDict()
     config.method = method
-    config.weights = ml_collections.ConfigDict({term: 0.0 for term in TERMS})
-    config.gr_variant = "a"  # a: region<->region caption, b: pooled regions<->caption, c: 1-cos vs sg(crop)
-    config.lrc_negatives = "batch"  # batch: in-batch lexemes; vocab: fixed lexeme vocabulary
-    config.lrc_duplicates = "positive"  # positive: same lexeme_id = positive; mask: drop from negatives
-    config.sd_target = "student"  # student: crop_embed; teacher: teacher_crop_embed
-    config.sd_stop_grad = False
-    config.concept_teacher = "region"  # region: teacher_region_embed; crop: teacher_crop_embed
-    config.concept_temperature = 0.01
-    config.concept_threshold = 0.1
-    if method == "harmoclip":
-        config.weights.update(gc=1.0, lrc=1.0, gr=1.0)
-    elif method == "clip":
-        config.weights.gc = 1.0
-    elif method == "fineclip":
-        config.weights.update(gc=1.0, sd=1.0, rc=1.0)
-    elif method == "clipself":
-        config.weights.sd = 1.0
-        config.sd_target, config.sd_stop_grad = "teacher", True
-    elif method == "regionclip":
-        config.weights.concept = 1.0
+    config.weights = ml_collections.ConfigDict({t.name: float(t.weights.get(method, 0.0)) for t in LOSS_TERMS})
+    for term in LOSS_TERMS:
+        for field, value in term.defaults(method).items():
+            config[field] = value
     return config
 
 
@@ -311,55 +500,32 @@ def validate_loss_config(config) -> None:
     """Raise ValueError for unknown methods, variants, options or term names."""
     if config.method not in METHODS:
         raise ValueError(f"loss config: unknown method {config.method!r}; choose one of {METHODS}")
-    unknown = set(config.weights.keys()) - set(TERMS)
+    known = tuple(t.name for t in LOSS_TERMS)
+    unknown = set(config.weights.keys()) - set(known)
     if unknown:
-        raise ValueError(f"loss config: unknown loss terms {sorted(unknown)} in weights; known terms: {TERMS}")
-    _check_choice(config, "gr_variant", GR_VARIANTS)
-    _check_choice(config, "lrc_negatives", _LRC_NEGATIVES)
-    _check_choice(config, "lrc_duplicates", _LRC_DUPLICATES)
-    _check_choice(config, "sd_target", _SD_TARGETS)
-    _check_choice(config, "concept_teacher", _CONCEPT_TEACHERS)
+        raise ValueError(f"loss config: unknown loss terms {sorted(unknown)} in weights; known terms: {known}")
+    for term in LOSS_TERMS:
+        for opt in term.all_options():
+            if opt.choices is not None:
+                _check_choice(config, opt.field, opt.choices)
     if not any(float(config.weights[t]) != 0.0 for t in config.weights.keys()):
         raise ValueError("loss config: every loss weight is zero; enable at least one term")
 
 
-def _active_terms(config):
-    return [t for t in TERMS if float(config.weights.get(t, 0.0)) != 0.0]
+def _active(config) -> list[tuple[LossTerm, LossVariant]]:
+    return [(t, t.variant(config)) for t in LOSS_TERMS if float(config.weights.get(t.name, 0.0)) != 0.0]
 
 
 def required_outputs(config) -> set[str]:
     """Output keys the model/trainer must compute for ``config`` (see the module contract)."""
     validate_loss_config(config)
-    needed: set[str] = set()
-    for term in _active_terms(config):
-        if term == "gc":
-            needed |= {"image_embed", "text_embed", "logit_scale"}
-        elif term == "lrc":
-            lexemes = "lexeme_embed" if config.lrc_negatives == "batch" else "lexeme_vocab_embed"
-            needed |= {"region_embed", lexemes, "logit_scale"}
-        elif term == "gr":
-            needed |= {
-                "a": {"region_embed", "region_text_embed", "logit_scale"},
-                "b": {"region_embed", "text_embed", "logit_scale"},
-                "c": {"region_embed", "crop_embed"},
-            }[config.gr_variant]
-        elif term == "rc":
-            needed |= {"region_embed", "region_text_embed", "logit_scale"}
-        elif term == "sd":
-            needed |= {"region_embed", "crop_embed" if config.sd_target == "student" else "teacher_crop_embed"}
-        elif term == "concept":
-            teacher = "teacher_region_embed" if config.concept_teacher == "region" else "teacher_crop_embed"
-            needed |= {"region_embed", "concept_embed", teacher, "logit_scale"}
-    return needed
+    return {key for _, variant in _active(config) for key in variant.outputs}
 
 
 def required_batch_keys(config) -> set[str]:
     """Batch keys ``total_loss`` reads for ``config``: box_mask for region terms, lexeme_id for LRC."""
-    outputs = required_outputs(config)
-    keys = {"box_mask"} if "region_embed" in outputs else set()
-    if float(config.weights.get("lrc", 0.0)) != 0.0:
-        keys.add("lexeme_id")
-    return keys
+    validate_loss_config(config)
+    return {key for _, variant in _active(config) for key in variant.batch_keys}
 
 
 def _require(mapping, keys, what, config):
@@ -367,7 +533,7 @@ def _require(mapping, keys, what, config):
     if missing:
         raise KeyError(
             f"total_loss: {what} lacks {missing}, needed by loss config method={config.method!r} "
-            f"(terms {_active_terms(config)}); compute them or disable those terms"
+            f"(terms {[t.name for t, _ in _active(config)]}); compute them or disable those terms"
         )
 
 
@@ -380,48 +546,13 @@ def total_loss(config, outputs, batch):
     """
     _require(outputs, required_outputs(config), "outputs", config)
     _require(batch, required_batch_keys(config), "batch", config)
-    o = outputs
-    scale = o.get("logit_scale")
-    box_mask = batch.get("box_mask")
-    if box_mask is not None:
-        box_mask = jnp.asarray(box_mask).astype(bool)
+    if "box_mask" in batch:
+        batch = {**batch, "box_mask": jnp.asarray(batch["box_mask"]).astype(bool)}
     terms = {}
-    for term in _active_terms(config):
-        if term == "gc":
-            value = global_contrastive_loss(o["image_embed"], o["text_embed"], scale)
-        elif term == "lrc":
-            if config.lrc_negatives == "batch":
-                value = lexeme_region_contrastive_loss(
-                    o["region_embed"], o["lexeme_embed"], box_mask, batch["lexeme_id"], scale, config.lrc_duplicates
-                )
-            else:
-                value = lexeme_vocab_contrastive_loss(
-                    o["region_embed"], o["lexeme_vocab_embed"], box_mask, batch["lexeme_id"], scale
-                )
-        elif term == "gr":
-            if config.gr_variant == "a":
-                value = region_caption_loss(o["region_embed"], o["region_text_embed"], box_mask, scale)
-            elif config.gr_variant == "b":
-                value = pooled_region_global_loss(o["region_embed"], o["text_embed"], box_mask, scale)
-            else:
-                value = cosine_distillation_loss(o["region_embed"], o["crop_embed"], box_mask, stop_gradient=True)
-        elif term == "rc":
-            value = region_caption_loss(o["region_embed"], o["region_text_embed"], box_mask, scale)
-        elif term == "sd":
-            target = o["crop_embed"] if config.sd_target == "student" else o["teacher_crop_embed"]
-            value = cosine_distillation_loss(o["region_embed"], target, box_mask, stop_gradient=config.sd_stop_grad)
-        else:  # concept
-            teacher = o["teacher_region_embed"] if config.concept_teacher == "region" else o["teacher_crop_embed"]
-            value = concept_loss(
-                o["region_embed"],
-                o["concept_embed"],
-                teacher,
-                box_mask,
-                scale,
-                config.concept_temperature,
-                config.concept_threshold,
-            )
-        terms[term] = value
+    for term, variant in _active(config):
+        terms[term.name] = variant.fn(
+            {k: outputs[k] for k in variant.outputs}, {k: batch[k] for k in variant.batch_keys}, config
+        )
     total = sum(float(config.weights[t]) * v for t, v in terms.items())
     terms["total"] = total
     return total, terms

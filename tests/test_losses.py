@@ -348,51 +348,175 @@ def test_bad_config_and_missing_outputs_raise():
         L.total_loss(config, outputs, batch)
 
 
-# ---------------------------------------------------------------- sharding: the global batch
+# ---------------------------------------------------------------- sharded inputs: the losses see the global batch
+# The losses are plain jnp math without collectives, so under jit GSPMD computes the same global-batch values
+# whatever the inputs' sharding. What the check below guards is that they STAY global-batch math: a loss with
+# per-shard reductions (e.g. wrapped in shard_map, each device seeing only its own negatives) fails it, as the
+# last test demonstrates. It says nothing about how the trainer shards its batch.
 
 
-@pytest.mark.parametrize("method,overrides", ALL_VARIANT_CONFIGS)
-def test_sharded_batch_equals_single_device(method, overrides):
-    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+def _sharded_inputs(method, overrides):
     config = _config(method, overrides)
     outputs, batch = make_inputs(13, b=16)
     batch["lexeme_id"] = batch["lexeme_id"] % V
     outputs = _select(outputs, config)
-
-    def loss_fn(o, b):
-        total, terms = L.total_loss(config, o, b)
-        return total, terms
-
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    (ref_total, ref_terms), ref_grads = jax.jit(value_and_grad)(
-        jax.device_put(outputs, jax.devices()[0]), jax.device_put(batch, jax.devices()[0])
-    )
-
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     unbatched = {"concept_embed", "lexeme_vocab_embed", "logit_scale"}  # vocabularies and the scale
-    sharded_outputs = {k: jax.device_put(v, replicated if k in unbatched else data) for k, v in outputs.items()}
-    sharded_batch = {k: jax.device_put(v, data) for k, v in batch.items()}
-    if "region_embed" in sharded_outputs:
-        assert len(sharded_outputs["region_embed"].sharding.device_set) == 8
-    (total, terms), grads = jax.jit(value_and_grad)(sharded_outputs, sharded_batch)
-    np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-5, atol=1e-6)
-    for name in ref_terms:
-        np.testing.assert_allclose(float(terms[name]), float(ref_terms[name]), rtol=1e-5, atol=1e-6, err_msg=name)
-    for key in ref_grads:
-        np.testing.assert_allclose(np.asarray(grads[key]), np.asarray(ref_grads[key]), atol=1e-5, err_msg=key)
+    specs = ({k: P() if k in unbatched else P("data") for k in outputs}, {k: P("data") for k in batch})
+    sharded = tuple({k: jax.device_put(v, NamedSharding(mesh, spec[k])) for k, v in tree.items()}
+                    for tree, spec in zip((outputs, batch), specs))
+    if "region_embed" in outputs:
+        assert len(sharded[0]["region_embed"].sharding.device_set) == 8
+    return config, mesh, specs, (outputs, batch), sharded
 
 
-def test_sharded_loss_is_global_not_per_shard_mean():
-    """Guards the test above: a per-device (local negatives) loss would differ from the global one."""
-    outputs, batch = make_inputs(14, b=16)
-    config = L.default_loss_config("harmoclip")
-    outputs = _select(outputs, config)
-    loss = jax.jit(lambda o, b: L.total_loss(config, o, b)[0])
-    global_value = float(loss(outputs, batch))
-    shards = [
-        float(loss({k: (v[2 * i : 2 * i + 2] if np.ndim(v) else v) for k, v in outputs.items()},
-                   {k: v[2 * i : 2 * i + 2] for k, v in batch.items()}))
-        for i in range(8)
-    ]
-    assert abs(np.mean(shards) - global_value) > 1e-2
+def _assert_equals_global_batch_loss(config, loss_fn, inputs, sharded):
+    """``loss_fn`` on the sharded inputs has the value and gradients of ``L.total_loss`` on the whole batch."""
+    want, want_grads = jax.jit(jax.value_and_grad(lambda o, b: L.total_loss(config, o, b)[0]))(*inputs)
+    got, grads = jax.jit(jax.value_and_grad(loss_fn))(*sharded)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+    for key in want_grads:
+        np.testing.assert_allclose(np.asarray(grads[key]), np.asarray(want_grads[key]), atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("method,overrides", ALL_VARIANT_CONFIGS)
+def test_losses_on_inputs_sharded_over_8_devices_equal_global_batch_values(method, overrides):
+    config, _, _, inputs, sharded = _sharded_inputs(method, overrides)
+    _assert_equals_global_batch_loss(config, lambda o, b: L.total_loss(config, o, b)[0], inputs, sharded)
+
+
+def test_global_batch_check_catches_per_shard_losses():
+    """The check above has power: the same loss computed per shard (local negatives, local means) fails it."""
+    config, mesh, specs, inputs, sharded = _sharded_inputs("harmoclip", {})
+    per_shard = jax.shard_map(lambda o, b: jax.lax.pmean(L.total_loss(config, o, b)[0], "data"),
+                              mesh=mesh, in_specs=specs, out_specs=P())
+    with pytest.raises(AssertionError):
+        _assert_equals_global_batch_loss(config, per_shard, inputs, sharded)
+
+
+# ---------------------------------------------------------------- behaviour pinned from the pre-table code
+# Computed once with losses.py as of commit a185648 (before the loss-term table), eager on CPU, inputs
+# make_inputs(21) with lexeme_id % V. Per config: required outputs, required batch keys, the float32 bit
+# pattern of every term and of the total, and a float64 checksum of the gradients w.r.t. every output.
+# A different CPU or an XLA upgrade may change the last bits; re-pin only after checking losses.py did not change.
+
+PINNED = [
+    ("harmoclip", {}, "image_embed lexeme_embed logit_scale region_embed region_text_embed text_embed", "box_mask lexeme_id",
+     {"gc": 0x406B67C4, "gr": 0x4084752D, "lrc": 0x40025B4C, "total": 0x411DAB5A}, "0x1.9523e4efa0000p+2"),
+    ("harmoclip", {"gr_variant": "b"}, "image_embed lexeme_embed logit_scale region_embed text_embed", "box_mask lexeme_id",
+     {"gc": 0x406B67C4, "gr": 0x405D8D90, "lrc": 0x40025B4C, "total": 0x4112D428}, "0x1.7a60dcae00000p+3"),
+    ("harmoclip", {"gr_variant": "c"}, "crop_embed image_embed lexeme_embed logit_scale region_embed text_embed",
+     "box_mask lexeme_id", {"gc": 0x406B67C4, "gr": 0x3F65D223, "lrc": 0x40025B4C, "total": 0x40D39BCC}, "0x1.91f14f8980000p+1"),
+    ("harmoclip", {"lrc_negatives": "vocab"},
+     "image_embed lexeme_vocab_embed logit_scale region_embed region_text_embed text_embed", "box_mask lexeme_id",
+     {"gc": 0x406B67C4, "gr": 0x4084752D, "lrc": 0x40141BE3, "total": 0x41221B80}, "0x1.95f1f1c0e0000p+2"),
+    ("harmoclip", {"lrc_duplicates": "mask"}, "image_embed lexeme_embed logit_scale region_embed region_text_embed text_embed",
+     "box_mask lexeme_id", {"gc": 0x406B67C4, "gr": 0x4084752D, "lrc": 0x408E0A74, "total": 0x414419C2}, "0x1.8c567b5090000p+3"),
+    ("clip", {}, "image_embed logit_scale text_embed", "", {"gc": 0x406B67C4, "total": 0x406B67C4}, "0x1.08e7529c00000p+0"),
+    ("fineclip", {}, "crop_embed image_embed logit_scale region_embed region_text_embed text_embed", "box_mask",
+     {"gc": 0x406B67C4, "rc": 0x4084752D, "sd": 0x3F65D223, "total": 0x410B71AA}, "0x1.7df84a23a0000p+1"),
+    ("fineclip", {"sd_stop_grad": True}, "crop_embed image_embed logit_scale region_embed region_text_embed text_embed",
+     "box_mask", {"gc": 0x406B67C4, "rc": 0x4084752D, "sd": 0x3F65D223, "total": 0x410B71AA}, "0x1.7b66313140000p+1"),
+    ("clipself", {}, "region_embed teacher_crop_embed", "box_mask", {"sd": 0x3F815269, "total": 0x3F815269},
+     "-0x1.5ff829c000000p-8"),
+    ("regionclip", {}, "concept_embed logit_scale region_embed teacher_region_embed", "box_mask",
+     {"concept": 0x4174991B, "total": 0x4174991B}, "-0x1.7da5734b80000p+3"),
+    ("regionclip", {"concept_teacher": "crop", "concept_threshold": 0.05, "concept_temperature": 0.02, "weights.gc": 1.0},
+     "concept_embed image_embed logit_scale region_embed teacher_crop_embed text_embed", "box_mask",
+     {"concept": 0x417FDBD8, "gc": 0x406B67C4, "total": 0x419D5AE4}, "-0x1.21be728ec0000p+4"),
+    ("harmoclip", {"weights.gc": 0.5, "weights.lrc": 2.0, "weights.gr": 0.25, "weights.rc": 1.5, "weights.sd": 0.75,
+                   "weights.concept": 3.0, "sd_target": "teacher", "gr_variant": "b"},
+     "concept_embed image_embed lexeme_embed logit_scale region_embed region_text_embed teacher_crop_embed "
+     "teacher_region_embed text_embed", "box_mask lexeme_id",
+     {"concept": 0x4174991B, "gc": 0x406B67C4, "gr": 0x405D8D90, "lrc": 0x40025B4C, "rc": 0x4084752D, "sd": 0x3F815269,
+      "total": 0x426E6D99}, "-0x1.a880625b55000p+5"),
+]
+
+
+@pytest.mark.parametrize("method,overrides,outputs_needed,batch_needed,bits,grad_checksum", PINNED)
+def test_total_loss_bitwise_equal_to_pre_table_code(method, overrides, outputs_needed, batch_needed, bits, grad_checksum):
+    config = _config(method, overrides)
+    assert L.required_outputs(config) == set(outputs_needed.split())
+    assert L.required_batch_keys(config) == set(batch_needed.split())
+    outputs, batch = make_inputs(21)
+    batch["lexeme_id"] = batch["lexeme_id"] % V
+    (_, terms), grads = jax.value_and_grad(lambda o: L.total_loss(config, o, batch), has_aux=True)(_select(outputs, config))
+    assert {k: int(np.asarray(v, np.float32).view(np.uint32)) for k, v in terms.items()} == bits
+    checksum = sum((i + 1) * float(np.asarray(grads[k], np.float64).sum()) for i, k in enumerate(sorted(grads)))
+    assert checksum.hex() == grad_checksum
+
+
+def test_default_loss_configs_pinned():
+    base = dict(concept_teacher="region", concept_temperature=0.01, concept_threshold=0.1, gr_variant="a",
+                lrc_duplicates="positive", lrc_negatives="batch", sd_stop_grad=False, sd_target="student")
+    weights = {"harmoclip": "gc lrc gr", "clip": "gc", "fineclip": "gc rc sd", "clipself": "sd", "regionclip": "concept"}
+    assert L.METHODS == tuple(weights)
+    for method, on in weights.items():
+        want = dict(base, method=method, weights={t: float(t in on.split()) for t in ("gc", "lrc", "gr", "rc", "sd", "concept")})
+        if method == "clipself":
+            want.update(sd_target="teacher", sd_stop_grad=True)
+        assert L.default_loss_config(method).to_dict() == want, method
+
+
+# ---------------------------------------------------------------- the loss-term table
+
+
+def test_table_gives_each_method_the_pre_table_requirements():
+    # Pinned from the pre-table code (commit a185648): required outputs / batch keys of each default config.
+    pinned = {
+        "harmoclip": ("image_embed text_embed region_embed lexeme_embed region_text_embed logit_scale", "box_mask lexeme_id"),
+        "clip": ("image_embed text_embed logit_scale", ""),
+        "fineclip": ("image_embed text_embed region_embed crop_embed region_text_embed logit_scale", "box_mask"),
+        "clipself": ("region_embed teacher_crop_embed", "box_mask"),
+        "regionclip": ("region_embed concept_embed teacher_region_embed logit_scale", "box_mask"),
+    }
+    assert L.TERMS == tuple(t.name for t in L.LOSS_TERMS) == ("gc", "lrc", "gr", "rc", "sd", "concept")
+    assert L.GR_VARIANTS == ("a", "b", "c")
+    for method, (outputs, batch_keys) in pinned.items():
+        config = L.default_loss_config(method)
+        active = [t for t in L.LOSS_TERMS if t.weights.get(method, 0.0)]
+        variants = [t.variants[t.defaults(method)[t.select]] if t.select else t.variants[""] for t in active]
+        assert [t.name for t in active] == [t for t in L.TERMS if config.weights[t]], method
+        assert {k for v in variants for k in v.outputs} == set(outputs.split()) == L.required_outputs(config), method
+        assert {k for v in variants for k in v.batch_keys} == set(batch_keys.split()) == L.required_batch_keys(config)
+
+
+def test_table_is_checked_and_read_only():
+    L.check_loss_table(L.LOSS_TERMS, L.METHODS)
+    gc = L.LOSS_TERMS[0]
+    with pytest.raises(TypeError):
+        gc.weights["clipself"] = 1.0
+    with pytest.raises(ValueError, match="duplicate"):
+        L.check_loss_table(L.LOSS_TERMS + (gc,), L.METHODS)
+    with pytest.raises(ValueError, match="unknown methods"):
+        L.check_loss_table(L.LOSS_TERMS, L.METHODS[:-1])
+    with pytest.raises(ValueError, match="enables no term"):
+        L.check_loss_table(L.LOSS_TERMS, L.METHODS + ("siglip",))
+
+
+def test_a_new_term_is_one_table_entry(monkeypatch):
+    """A toy term added to LOSS_TERMS alone reaches the config, validation, requirements and total_loss."""
+    toy = L.LossTerm(
+        "toy", weights={"clip": 0.5}, select="toy_key",
+        variants={
+            "image": L.LossVariant(("image_embed",), ("box_mask",), lambda o, b, c: c.toy_power * o["image_embed"].sum()),
+            "undeclared": L.LossVariant(("image_embed",), (), lambda o, b, c: o["text_embed"].sum()),
+        },
+        options=(L.LossOption("toy_power", 2.0),),
+    )
+    monkeypatch.setattr(L, "LOSS_TERMS", L.LOSS_TERMS + (toy,))
+    config = L.default_loss_config("clip")
+    assert (config.weights.toy, config.toy_key, config.toy_power) == (0.5, "image", 2.0)
+    assert L.required_outputs(config) == {"image_embed", "text_embed", "logit_scale"}
+    assert L.required_batch_keys(config) == {"box_mask"}
+    outputs, batch = make_inputs(15)
+    total, terms = L.total_loss(config, outputs, batch)
+    np.testing.assert_allclose(float(terms["toy"]), 2.0 * outputs["image_embed"].sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(terms["gc"] + 0.5 * terms["toy"]), rtol=1e-6)
+    config.toy_key = "undeclared"  # a variant only sees the keys it declares
+    with pytest.raises(KeyError, match="text_embed"):
+        L.total_loss(config, outputs, batch)
+    config.toy_key = "pixels"
+    with pytest.raises(ValueError, match="toy_key='pixels'"):
+        L.validate_loss_config(config)
