@@ -119,9 +119,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r} is unknown; choose one of {METHODS}")
     losses.validate_loss_config(config.loss)
-    if config.loss.method != config.method:
-        raise ValueError(f"config.loss.method={config.loss.method!r} differs from config.method={config.method!r}; "
-                         "set the method with `method=` in the config argument so both agree")
     if config.loss.lrc_negatives == "vocab" and (config.region.lexeme_vocab_size <= 0
                                                  or config.region.lexeme_vocab_min_count <= 0):
         raise ValueError(f"config.loss.lrc_negatives='vocab' keeps the config.region.lexeme_vocab_size="

@@ -473,7 +473,8 @@ GR_VARIANTS = tuple(next(t for t in LOSS_TERMS if t.name == "gr").variants)
 
 
 def default_loss_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
-    """Loss config preset for ``method``: ``method``, ``weights`` and every term's option fields.
+    """Loss config preset for ``method``: ``weights`` and every term's option fields (the method's name is kept
+    once, in the experiment config's ``method``).
 
     Presets: harmoclip = GC + LRC + GR-a; clip = GC; fineclip = GC + SD (student crops, no
     stop-gradient) + RC; clipself = SD against frozen-teacher crops; regionclip = concept loss (set
@@ -482,7 +483,6 @@ def default_loss_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     if method not in METHODS:
         raise ValueError(f"unknown loss method {method!r}; choose one of {METHODS}")
     config = ml_collections.ConfigDict()
-    config.method = method
     config.weights = ml_collections.ConfigDict({t.name: float(t.weights.get(method, 0.0)) for t in LOSS_TERMS})
     for term in LOSS_TERMS:
         for field, value in term.defaults(method).items():
@@ -497,9 +497,7 @@ def _check_choice(config, field, choices):
 
 
 def validate_loss_config(config) -> None:
-    """Raise ValueError for unknown methods, variants, options or term names."""
-    if config.method not in METHODS:
-        raise ValueError(f"loss config: unknown method {config.method!r}; choose one of {METHODS}")
+    """Raise ValueError for unknown variants, options or term names."""
     known = tuple(t.name for t in LOSS_TERMS)
     unknown = set(config.weights.keys()) - set(known)
     if unknown:
@@ -532,8 +530,8 @@ def _require(mapping, keys, what, config):
     missing = sorted(k for k in keys if k not in mapping)
     if missing:
         raise KeyError(
-            f"total_loss: {what} lacks {missing}, needed by loss config method={config.method!r} "
-            f"(terms {[t.name for t, _ in _active(config)]}); compute them or disable those terms"
+            f"total_loss: {what} lacks {missing}, needed by the loss terms {[t.name for t, _ in _active(config)]}; "
+            "compute them or disable those terms"
         )
 
 

@@ -32,6 +32,13 @@ def _maybe_initialize_distributed() -> None:
 
 def main(argv):
     del argv
+    import sys
+
+    if any(arg.startswith("--config.method") for arg in sys.argv[1:]):
+        # The method is a preset: the config file's `method=` argument sets the loss weights with it.
+        print("error: --config.method would rename the run without changing its losses; choose the method in the "
+              "config argument, e.g. --config=configs/demo.py:method=fineclip", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     logging.getLogger("absl").setLevel(logging.WARNING)
     _maybe_initialize_distributed()
     from harmoclip_jax import train
@@ -43,8 +50,6 @@ def main(argv):
         train.train_and_evaluate(config, workdir)
     except (FileNotFoundError, ValueError, train.NonFiniteLossError) as error:
         # Expected failures (missing data/weights, bad config, diverged run) deserve a message, not a traceback.
-        import sys
-
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

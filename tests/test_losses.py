@@ -453,7 +453,7 @@ def test_default_loss_configs_pinned():
     weights = {"harmoclip": "gc lrc gr", "clip": "gc", "fineclip": "gc rc sd", "clipself": "sd", "regionclip": "concept"}
     assert L.METHODS == tuple(weights)
     for method, on in weights.items():
-        want = dict(base, method=method, weights={t: float(t in on.split()) for t in ("gc", "lrc", "gr", "rc", "sd", "concept")})
+        want = dict(base, weights={t: float(t in on.split()) for t in ("gc", "lrc", "gr", "rc", "sd", "concept")})
         if method == "clipself":
             want.update(sd_target="teacher", sd_stop_grad=True)
         assert L.default_loss_config(method).to_dict() == want, method
