@@ -240,7 +240,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     tx, schedule, train_mask = optim.make_optimizer(config.optim, glue.abstract_params, config.total_steps,
                                                     backbone)
     needed = losses.required_outputs(config.loss)
-    text_frozen = not any(v for k, v in _flat(train_mask).items() if k.startswith(f"{backbone.text_tower}/"))
+    text_frozen = not any(v for k, v in _flat(train_mask).items() if backbone.in_text_tower(k))
     uses_teacher = bool(needed & set(TEACHER_OUTPUTS))
 
     abstract = {"params": glue.abstract_params,
@@ -321,7 +321,7 @@ def make_text_cache(trainer: Trainer, params, workdir: pathlib.Path, dataset: st
     if not (config.text_cache.enabled and trainer.text_frozen):
         return None
     host = sharding.to_host(params)
-    text_params = {k: v for k, v in _flat(host).items() if k.startswith(f"{trainer.glue.backbone.text_tower}/")}
+    text_params = {k: v for k, v in _flat(host).items() if trainer.glue.backbone.in_text_tower(k)}
     key = fingerprint(text_params)
     # Encoding runs on one local device: processes miss different texts, so no collective may be involved.
     device = jax.local_devices()[0]
@@ -505,12 +505,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                            .get("class_names") or [])
     vocab = None
     if "lexeme_vocab_embed" in trainer.needed:
-        vocab = lexeme_vocab.load_or_build(workdir / workdir_lib.LEXEME_VOCAB, data_config.dataset, data_config.train_split,
+        vocab_file = workdir / workdir_lib.LEXEME_VOCAB
+        vocab = lexeme_vocab.load_or_build(vocab_file, data_config.dataset, data_config.train_split,
                                            data_config.data_dir, config.region.lexeme_vocab_size,
                                            config.region.lexeme_vocab_min_count, write=is_main)
         if is_main:
-            print(f"LRC against a vocabulary of {len(vocab)} lexemes ({workdir / workdir_lib.LEXEME_VOCAB}); regions whose "
-                  "lexeme is outside it do not enter the LRC term", flush=True)
+            print(f"LRC against a vocabulary of {len(vocab)} lexemes ({vocab_file}); regions whose lexeme is outside "
+                  "it do not enter the LRC term", flush=True)
     consts = make_consts(trainer, cache, class_names, vocab)
     context = evaluators.EvalContext(mesh=trainer.mesh, data_config=data_config, fns=trainer.eval_fns(),
                                      eval_batch_size=config.eval_batch_size)
@@ -602,8 +603,9 @@ def _load_init_params(trainer: Trainer, directory: str):
     model_config = trainer.glue.config
     model = ckpt_lib.load_params(directory, sharding=lambda p, _: shardings[sharding.path_str(p)],
                                  dtype=model_config.dtype, remat=model_config.remat)
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
     if registry.of_model(model) is not trainer.glue.backbone or \
-            jax.tree.map(jnp.shape, glue_lib.params_of(model)) != jax.tree.map(jnp.shape, trainer.glue.abstract_params):
+            shapes(glue_lib.params_of(model)) != shapes(trainer.glue.abstract_params):
         raise ValueError(f"config.init.params_dir={directory} holds a {type(model).__name__} with config "
                          f"{model.config}, but the config asks for a {trainer.glue.backbone.family} model with "
                          f"{model_config}; convert it with matching --image_size or fix config.model")

@@ -83,6 +83,10 @@ class Backbone:
     def text_tower_regex(self) -> str:
         return f"{self.text_tower}/.*"
 
+    def in_text_tower(self, path: str) -> bool:
+        """Whether the '/'-joined parameter path belongs to the text tower."""
+        return path.startswith(f"{self.text_tower}/")
+
     def config_for(self, model_config) -> Any:
         """The family config of an experiment's `config.model` section."""
         return self.get_config(model_config.variant, image_size=model_config.image_size,
