@@ -161,6 +161,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     for field, source in DERIVED_DATA_FIELDS.items():
         if field in config.data:
             raise ValueError(f"config.data.{field} is set, but {source} decides it; remove config.data.{field}")
+    for field in ("distinct_lexemes", "distinct_region_texts"):
+        bound = int(config.region[field])
+        if bound and (bound < 0 or int(config.optim.grad_accum_steps) > 1):
+            raise ValueError(f"config.region.{field}={bound} must be >= 0 and works without gradient accumulation "
+                             "(config.optim.grad_accum_steps=1); set it to 0")
+        if bound and num_devices is not None and bound % max(num_devices // process_count, 1):
+            raise ValueError(f"config.region.{field}={bound} must be divisible by the "
+                             f"{num_devices // process_count} devices of each process")
     if config.log_every <= 0 or config.checkpoint.every <= 0:
         raise ValueError("config.log_every and config.checkpoint.every must be positive")
 
@@ -209,6 +217,10 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.region.sampling_ratio = -1  # torchvision's adaptive sampling (FineCLIP)
     c.region.crop_scale = 1.5  # crops for fineclip/clipself: boxes enlarged 1.5x about their centre
     c.region.text_length = placeholder(int)  # encode region captions/lexemes from this many tokens (None: all)
+    # At most this many distinct lexemes / region captions per process batch, each encoded once (0: encode every
+    # text; a batch with more is an error). Used while the text tower trains (a frozen one is cached instead).
+    c.region.distinct_lexemes = 0
+    c.region.distinct_region_texts = 0
     c.region.concepts = ()  # RegionCLIP concept names; empty = the training dataset's class_names
     c.region.concept_template = "a photo of a {}."
     # LRC with lrc_negatives="vocab": the most frequent training-split lexemes (workdir/lexeme_vocab.json)

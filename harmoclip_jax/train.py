@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 # Batch keys that carry token ids, and the loss-output key each one becomes.
 TEXT_INPUTS = {"text": "text_embed", "region_text": "region_text_embed", "lexeme": "lexeme_embed"}
+# Region texts repeat within a batch (Scenes: 256 lexemes, 36 distinct): with a bound in these config.region
+# fields, the step encodes each distinct text once (a `{key}_table` of token rows and a `{key}_index` into it).
+DISTINCT_TEXT_FIELDS = {"region_text": "distinct_region_texts", "lexeme": "distinct_lexemes"}
 TEACHER_OUTPUTS = ("teacher_crop_embed", "teacher_region_embed")
 
 
@@ -81,6 +84,8 @@ def compute_outputs(model: ImageTextModel, teacher: ImageTextModel | None, batch
         if name in needed:
             if name in batch:  # from the frozen-text-tower cache
                 out[name] = batch[name]
+            elif f"{key}_table" in batch:  # each distinct text encoded once
+                out[name] = model.encode_text(batch[f"{key}_table"])[batch[f"{key}_index"]]
             else:
                 tokens = batch[key]
                 out[name] = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:-1], -1)
@@ -271,12 +276,32 @@ def _flat(tree) -> dict[str, Any]:
 
 
 def device_batch_keys(trainer: Trainer, cache_active: bool) -> list[str]:
-    """Keys of the host batch the train step needs (tokens are replaced by cached embeddings when frozen)."""
+    """Keys of the host batch the train step needs (tokens are replaced by cached embeddings when frozen, or by a
+    table of distinct texts and indices into it when config.region bounds their number)."""
     keys = {"image", "boxes", "box_mask", "lexeme_id"}
     for key, name in TEXT_INPUTS.items():
         if name in trainer.needed:
-            keys.add(name if cache_active else key)
+            if cache_active:
+                keys.add(name)
+            elif trainer.config.region.get(DISTINCT_TEXT_FIELDS.get(key, ""), 0):
+                keys.update((f"{key}_table", f"{key}_index"))
+            else:
+                keys.add(key)
     return sorted(keys)
+
+
+def distinct_texts(local: dict, key: str, bound: int, process_index: int = 0) -> dict:
+    """Replaces `local[key]` (..., L) token rows by `{key}_table` (bound, L): its distinct rows, zero-padded, and
+    `{key}_index` (...): each row's index into the global table (the processes' tables concatenated in order)."""
+    tokens = local[key]
+    table, inverse = np.unique(tokens.reshape(-1, tokens.shape[-1]), axis=0, return_inverse=True)
+    if len(table) > bound:
+        raise ValueError(f"a batch has {len(table)} distinct {key} texts, more than config.region."
+                         f"{DISTINCT_TEXT_FIELDS[key]}={bound}; raise it (0 encodes every text)")
+    padded = np.zeros((bound, tokens.shape[-1]), tokens.dtype)
+    padded[: len(table)] = table
+    index = (inverse.reshape(tokens.shape[:-1]) + process_index * bound).astype(np.int32)
+    return {**{k: v for k, v in local.items() if k != key}, f"{key}_table": padded, f"{key}_index": index}
 
 
 REGION_TEXTS = ("region_text", "lexeme")
@@ -299,12 +324,17 @@ def shorten_region_texts(local: dict, length: int | None) -> dict:
 
 
 def prepare_batch(local: dict, keys: list[str], cache: TextEmbeddingCache | None,
-                  region_text_length: int | None = None, vocab: LexemeVocab | None = None) -> dict[str, np.ndarray]:
-    """The host batch the train step takes: needed keys only, short region texts, cached text embeddings, and
-    lexeme ids as rows of `vocab` when LRC uses vocabulary negatives."""
-    local = shorten_region_texts(local, region_text_length)
+                  region: ml_collections.ConfigDict | None = None, vocab: LexemeVocab | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The host batch the train step takes: needed keys only, region texts cut to `region.text_length` (and as
+    tables of distinct texts when `keys` asks for them), cached text embeddings, and lexeme ids as rows of `vocab`
+    when LRC uses vocabulary negatives."""
+    local = shorten_region_texts(local, region.text_length if region is not None else None)
     if vocab is not None:
         local = dict(local, lexeme_id=vocab.index(local["lexeme_id"]))
+    for key in DISTINCT_TEXT_FIELDS:
+        if f"{key}_table" in keys:
+            local = distinct_texts(local, key, int(region[DISTINCT_TEXT_FIELDS[key]]), jax.process_index())
     out = {}
     for key in keys:
         if key in local:
@@ -531,7 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with jax.set_mesh(trainer.mesh), _StopRequest() as stop:
             while step < total:
                 local = next(train_iter)
-                batch = sharding.put_batch(prepare_batch(local, batch_keys, cache, config.region.text_length, vocab),
+                batch = sharding.put_batch(prepare_batch(local, batch_keys, cache, config.region, vocab),
                                            trainer.mesh)
                 state, metrics = trainer.train_step(state, batch, consts)
                 step += 1

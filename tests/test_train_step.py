@@ -182,3 +182,34 @@ def test_every_method_trains(method):
     expected = {"harmoclip-bf16-remat": {"gc", "lrc", "gr"}, "fineclip": {"gc", "sd", "rc"}, "clipself": {"sd"}, "regionclip": {"concept"}}
     assert {k.removeprefix("loss/") for k in metrics if k.startswith("loss/")} == expected[method]
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_distinct_region_texts_are_encoded_once_with_the_same_loss():
+    """config.region.distinct_lexemes / distinct_region_texts: each distinct text of the batch is encoded once and
+    gathered back; the step computes the loss of encoding every text."""
+    mesh = _mesh(8, 1)
+    batch = synthetic_batch(3)
+    patterns = synthetic_batch(4)["lexeme"].reshape(-1, 16)[:6]  # 6 lexeme strings, reused by every region
+    batch["lexeme"] = patterns[batch["lexeme_id"]]
+    batch["region_text"][1::2] = batch["region_text"][::2]  # half the region captions repeat
+    plain = train.build_trainer(tiny_config(), mesh)
+    config = tiny_config()
+    config.region.update(distinct_lexemes=8, distinct_region_texts=32)
+    distinct = train.build_trainer(config, mesh)
+    keys = train.device_batch_keys(distinct, cache_active=False)
+    assert {"lexeme_table", "lexeme_index", "region_text_table", "region_text_index"} <= set(keys)
+    assert "lexeme" not in keys and "region_text" not in keys
+    host = train.prepare_batch(batch, keys, None, config.region)
+    assert host["lexeme_table"].shape == (8, 16)
+    assert len(np.unique(host["lexeme_table"], axis=0)) == 7  # the 6 lexemes and the zero padding row
+    np.testing.assert_array_equal(host["lexeme_table"][host["lexeme_index"]], batch["lexeme"])
+    np.testing.assert_array_equal(host["region_text_table"][host["region_text_index"]], batch["region_text"])
+    with jax.set_mesh(mesh):
+        _, want = plain.train_step(plain.init_state(), sharding.put_batch(
+            train.prepare_batch(batch, train.device_batch_keys(plain, False), None), mesh), {})
+        _, got = distinct.train_step(distinct.init_state(), sharding.put_batch(host, mesh), {})
+    for key in ("loss", "loss/lrc", "loss/gr", "grad_norm"):
+        np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
+    config.region.distinct_lexemes = 4
+    with pytest.raises(ValueError, match=r"6 distinct lexeme texts, more than config.region.distinct_lexemes=4"):
+        train.prepare_batch(batch, keys, None, config.region)
