@@ -389,6 +389,8 @@ def test_two_workers_produce_valid_batches_and_resume(data_dir, config):
         iterator.close()
     indices = np.concatenate([b["index"] for b in first + expected])
     assert len(set(indices.tolist())) == len(indices)  # no record twice within an epoch
+    config.num_workers = 0  # workers do not change the batches
+    _assert_batches_equal(_take(pipeline.make_train_iterator(config, **kwargs), 4), first + expected)
     assert first[0]["image"].shape == (8, SIZE, SIZE, 3)
     restored = pipeline.make_train_iterator(config, **kwargs)
     try:
@@ -411,3 +413,34 @@ def test_iterator_state_round_trips_through_an_orbax_checkpoint(data_dir, config
         restored = pipeline.make_train_iterator(config, **kwargs)
         restored.set_state(manager.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
     _assert_batches_equal(_take(restored, 2), expected)
+
+
+def test_old_one_process_grain_checkpoint_restores_its_data_position(data_dir, config, tmp_path):
+    """Checkpoints written before the global data position held one grain iterator state per process."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from harmoclip_jax import checkpoint
+
+    source = _raw_source(data_dir, "train")
+    old = _old_train_iterator(config, source=source, seed=6)
+    _take(old, 3)
+    state = {"x": np.arange(3.0)}
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state", "data_iter")) as manager:
+        manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data_iter=grain.checkpoint.CheckpointSave(old)))
+        manager.wait_until_finished()
+    expected = [_without_private(b) for b in _take(old, 2)]
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"x": jax.ShapeDtypeStruct((3,), np.float64, sharding=sharding)}
+    for process_count in (1, 2):  # the old one-process position resumes on any process count
+        iterators = [pipeline.make_train_iterator(config, source=source, seed=6, process_index=p,
+                                                  process_count=process_count) for p in range(process_count)]
+        ckpt = checkpoint.TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+        for it in iterators:
+            restored = ckpt.restore(3, abstract, it)
+        ckpt.close()
+        np.testing.assert_array_equal(restored["x"], state["x"])
+        assert iterators[0].get_state() == {"position": 3 * config.batch_size}
+        if process_count == 1:
+            _assert_batches_equal(_take(iterators[0], 2), expected)
