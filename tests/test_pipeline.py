@@ -444,3 +444,12 @@ def test_old_one_process_grain_checkpoint_restores_its_data_position(data_dir, c
         assert iterators[0].get_state() == {"position": 3 * config.batch_size}
         if process_count == 1:
             _assert_batches_equal(_take(iterators[0], 2), expected)
+
+
+def test_train_stops_past_the_bad_fraction_with_several_processes(corrupt_source, config):
+    config.batch_size = 2
+    config.max_bad_fraction = 0.5
+    config.bad_check_after = 6
+    iterator = pipeline.make_train_iterator(config, source=corrupt_source, process_index=1, process_count=2)
+    with pytest.raises(pipeline.BadRecordsError, match=r"max_bad_fraction=0\.5.*raise config\.data\.max_bad_fraction"):
+        _take(iterator, 12)

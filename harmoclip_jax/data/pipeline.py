@@ -503,8 +503,8 @@ class ReplaceBadRecords:
     the same global batches. Module-level class: multiprocess workers unpickle it."""
 
     def __init__(self, examples: grain.MapDataset, *, start: int, local_batch: int, global_batch: int,
-                 offset: int):
-        self.examples = examples
+                 offset: int, num_records: int):
+        self.examples, self.num_records = examples, num_records
         self.start, self.local_batch, self.global_batch, self.offset = start, local_batch, global_batch, offset
 
     def __call__(self, j: int) -> dict:
@@ -525,8 +525,9 @@ class ReplaceBadRecords:
             candidate += step
             if candidate >= len(self.examples):  # finite stream: look backwards from the bad record
                 step, candidate = -1, position - 1
-            if candidate < 0:
-                raise BadRecordsError("no usable training record in the whole split")
+            if candidate < 0 or skipped > self.num_records:
+                raise BadRecordsError(f"no usable training record among {skipped} consecutive ones around global "
+                                      f"position {position}; fix or rebuild the dataset")
 
 
 class TrainIterator:
@@ -561,7 +562,7 @@ class TrainIterator:
         batches = (len(self._examples) - position) // self.global_batch
         ds = grain.MapDataset.range(batches * b).map(ReplaceBadRecords(
             self._examples, start=position, local_batch=b, global_batch=self.global_batch,
-            offset=self._process_index * b))
+            offset=self._process_index * b, num_records=len(self._source)))
         ds = ds.batch(b, drop_remainder=True)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                   prefetch_buffer_size=max(1, config.read_buffer_size // b)))
