@@ -101,12 +101,42 @@ def load_params(directory: str | os.PathLike, *, sharding: Callable | jax.shardi
 # ------------------------------------------------------------------------------------- training checkpoints
 
 STATE_ITEM = workdir_lib.STATE_ITEM
-DATA_ITEM = workdir_lib.DATA_ITEM
+DATA_ITEM = workdir_lib.DATA_ITEM  # legacy: per-process grain iterator states (read only)
+DATA_POSITION_ITEM = workdir_lib.DATA_POSITION_ITEM
+
+
+def _legacy_data_position(directory: pathlib.Path) -> dict:
+    """`{"position": ...}` from a checkpoint's per-process grain iterator files (written before DATA_POSITION_ITEM):
+    possible for one process without workers, whose state counts the records read (`seen`)."""
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if len(files) != 1 or not files[0].name.endswith("-of-1.json"):
+        raise ValueError(f"{directory} holds the grain iterator states of {len(files)} processes (an old checkpoint "
+                         "format): only one-process checkpoints of that format resume; restart from the params "
+                         "(config.init) or resume with the version that wrote it")
+    state = json.loads(files[0].read_text())
+
+    def find_seen(node):
+        if isinstance(node, dict):
+            if "seen" in node and "bad" in node:
+                return int(node["seen"])
+            for value in node.values():
+                found = find_seen(value)
+                if found is not None:
+                    return found
+        return None
+
+    seen = find_seen(state)
+    if seen is None:
+        raise ValueError(f"{files[0]} is an old-format iterator state written with data workers; it cannot be "
+                         "converted to a global data position")
+    return {"position": seen}
 
 
 class TrainCheckpointer:
     """Full training checkpoints in `directory`: the state pytree (params, optimizer state, step, rng, ...) and
-    the grain iterator of every process, saved together per step by an Orbax `CheckpointManager`.
+    the data position (`data_iterator.get_state()`: one global example index, the same on every process, written
+    by process 0 as JSON), saved together per step by an Orbax `CheckpointManager`. The data position restores
+    with any process or worker count; old checkpoints with per-process grain states restore for one process.
 
     Keeps the newest `keep` steps; saves asynchronously when `async_save` (the next training steps overlap the
     write; a crash mid-write leaves only a temporary directory that Orbax ignores, so the previous step stays the
@@ -117,27 +147,28 @@ class TrainCheckpointer:
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, DATA_ITEM), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, DATA_POSITION_ITEM, DATA_ITEM), options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator=None) -> None:
-        import grain
-
         items = {STATE_ITEM: ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+            items[DATA_POSITION_ITEM] = ocp.args.JsonSave(data_iterator.get_state())
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores `step` into `abstract_state` (ShapeDtypeStructs with shardings); sets the iterator's position."""
-        import grain
-
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+        step_dir = self.directory / str(step)
+        legacy = data_iterator is not None and not (step_dir / DATA_POSITION_ITEM).exists()
+        if data_iterator is not None and not legacy:
+            items[DATA_POSITION_ITEM] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iterator is not None:
+            data_iterator.set_state(_legacy_data_position(step_dir / DATA_ITEM) if legacy
+                                    else restored[DATA_POSITION_ITEM])
         return restored[STATE_ITEM]
 
     def wait(self) -> None:

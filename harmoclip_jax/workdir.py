@@ -25,6 +25,9 @@ LEXEME_VOCAB = "lexeme_vocab.json"
 TEXT_CACHE = "text_cache"
 # The training state's item inside checkpoints/STEP/ (`checkpoint.TrainCheckpointer`).
 STATE_ITEM = "state"
+# The data position (`{"position": global example index}`, JSON, written by process 0). Checkpoints written before
+# it have DATA_ITEM instead: grain iterator states, one `process_{i}-of-{n}.json` per process.
+DATA_POSITION_ITEM = "data_position"
 DATA_ITEM = "data_iter"
 
 

@@ -45,3 +45,51 @@ def test_two_processes_match_one(tmp_path):
     # Evaluation across processes sees every eval record exactly once.
     assert multi["final"]["eval/retrieval/num_images"] == 72
     assert multi["final"]["eval/boxcls/num_boxes"] == one["final"]["eval/boxcls/num_boxes"]
+
+
+def _run(workdir, num_processes, kill_at=-1, num_workers=0):
+    """`resume_worker.py` in `num_processes` processes with 4 devices in all (the same global batch and mesh size);
+    returns their return codes."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "resume_worker.py"), str(port), str(num_processes), str(i),
+                               str(workdir), str(kill_at), str(num_workers)], env=_env(4 // num_processes),
+                              cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(num_processes)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode in ((0,) if kill_at < 0 else (0, -9)), log[-4000:]
+    return logs
+
+
+def _losses(workdir):
+    from harmoclip_jax.metrics_writer import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.mark.slow
+def test_resume_with_another_process_count_continues_the_same_data(tmp_path):
+    import shutil
+
+    reference = tmp_path / "reference"  # 1 process, uninterrupted; checkpoints at steps 2 and 4
+    _run(reference, 1)
+    expected = _losses(reference)
+    assert sorted(expected) == [1, 2, 3, 4]
+    # 2 processes write step 2, then 1 process (with a grain data worker) resumes to step 4.
+    two_to_one = tmp_path / "two_to_one"
+    _run(two_to_one, 2, kill_at=2)
+    assert max(_losses(two_to_one)) == 2
+    assert (two_to_one / "checkpoints/2/data_position").is_dir()
+    assert not (two_to_one / "checkpoints/2/data_iter").exists()  # no per-process iterator files
+    logs = _run(two_to_one, 1, num_workers=1)
+    assert "resumed" in logs[0] and "at step 2" in logs[0]
+    # 1 process wrote step 2 (the reference's checkpoint), 2 processes resume to step 4.
+    one_to_two = tmp_path / "one_to_two"
+    shutil.copytree(reference, one_to_two)
+    shutil.rmtree(one_to_two / "checkpoints/4")
+    logs = _run(one_to_two, 2)
+    assert "resumed" in logs[0] and "at step 2" in logs[0]
+    for workdir in (two_to_one, one_to_two):
+        got = _losses(workdir)
+        assert sorted(got) == [1, 2, 3, 4]
+        np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-5)

@@ -140,11 +140,90 @@ def test_resume_from_checkpoint_gives_the_same_batches(data_dir, config):
     _assert_batches_equal(_take(restored, 14), expected)
 
 
-def test_grain_checkpoint_helper_on_one_epoch(data_dir, config):
-    config.num_epochs = 1
-    records = [_raw_source(data_dir, "train")[i] for i in range(24)]
-    ds = pipeline.make_train_dataset(config, source=records, seed=0, process_index=0, process_count=1)
-    grain.experimental.assert_equal_output_after_checkpoint(ds)
+def _old_train_iterator(config, *, source, seed, process_index=0, process_count=1):
+    """The training pipeline as it was before the global data order (per-process shard first): the reference the
+    one-process stream must equal bit for bit."""
+    ds = grain.MapDataset.source(source).map_with_index(pipeline.AttachIndex(len(source)))
+    ds = ds[process_index::process_count]
+    epoch_length = len(ds)
+    ds = ds.seed(seed).shuffle().repeat(config.num_epochs)
+    ds = ds.map_with_index(pipeline.TrainTransform(inputs=pipeline.ModelInputs.from_config(config),
+                                                   max_regions=config.max_regions, seed=seed,
+                                                   epoch_length=epoch_length))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=config.read_buffer_size))
+    ds = pipeline.SkipBadRecords(ds, config.max_bad_fraction, config.bad_check_after)
+    return iter(ds.batch(config.batch_size, drop_remainder=True))
+
+
+def _without_private(batch):
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+def test_one_process_stream_is_bitwise_the_old_one(data_dir, config):
+    source = _raw_source(data_dir, "train")
+    expected = [_without_private(b) for b in _take(_old_train_iterator(config, source=source, seed=7), 26)]
+    new = pipeline.make_train_iterator(config, source=source, seed=7, process_index=0, process_count=1)
+    _assert_batches_equal(_take(new, 26), expected)  # 12 batches per epoch: crosses two epoch boundaries
+    assert new.get_state() == {"position": 26 * config.batch_size}
+
+
+def test_one_process_stream_with_bad_records_is_the_old_one(corrupt_source, config):
+    config.batch_size = 3
+    config.max_bad_fraction = 1.0
+    expected = [_without_private(b) for b in _take(_old_train_iterator(config, source=corrupt_source, seed=1), 12)]
+    new = pipeline.make_train_iterator(config, source=corrupt_source, seed=1, process_index=0, process_count=1)
+    got = _take(new, 12)
+    _assert_batches_equal(got, expected)
+    # Skipped records count in the position: it is the number of records read.
+    skipped = sum(int(b["num_bad_records"].sum()) for b in got)  # (an upper bound: repaired ones count too)
+    assert 12 * 3 < new.get_state()["position"] <= 12 * 3 + skipped
+    resumed = pipeline.make_train_iterator(config, source=corrupt_source, seed=1, process_index=0, process_count=1,
+                                           position=new.get_state()["position"])
+    _assert_batches_equal(_take(resumed, 3), _take(new, 3))
+
+
+def _global_batches(config, process_count, steps, position=0, **kwargs):
+    """The global batches of `process_count` processes (local batches concatenated) and their end position."""
+    config = config.copy_and_resolve_references()
+    config.batch_size //= process_count
+    iterators = [pipeline.make_train_iterator(config, process_index=p, process_count=process_count, position=position,
+                                              **kwargs) for p in range(process_count)]
+    batches = [{k: np.concatenate([b[k] for b in local]) for k in local[0]}
+               for local in zip(*(_take(it, steps) for it in iterators))]
+    positions = {it.get_state()["position"] for it in iterators}
+    for it in iterators:
+        it.close()
+    assert len(positions) == 1  # one number, the same on every process
+    return batches, positions.pop()
+
+
+def test_global_batches_do_not_depend_on_the_process_count(data_dir, config):
+    kwargs = dict(source=_raw_source(data_dir, "train"), seed=2)
+    one, end = _global_batches(config, 1, 14, **kwargs)
+    assert end == 14 * 8
+    for count in (2, 4):
+        _assert_batches_equal(_global_batches(config, count, 14, **kwargs)[0], one)
+    # A position written by 2 processes resumes on 1 and on 4 with the same global batches, and back.
+    first, position = _global_batches(config, 2, 5, **kwargs)
+    _assert_batches_equal(first, one[:5])
+    _assert_batches_equal(_global_batches(config, 1, 9, position=position, **kwargs)[0], one[5:])
+    _assert_batches_equal(_global_batches(config, 4, 9, position=position, **kwargs)[0], one[5:])
+
+
+def test_bad_records_are_replaced_in_the_global_order_with_several_processes(corrupt_source, config, caplog):
+    config.batch_size = 4
+    config.max_bad_fraction = 1.0
+    kwargs = dict(source=corrupt_source, seed=3)
+    two, end = _global_batches(config, 2, 8, **kwargs)
+    assert end == 8 * 4
+    _assert_batches_equal(_global_batches(config, 4, 8, **kwargs)[0], two)
+    middle, position = _global_batches(config, 4, 3, **kwargs)
+    _assert_batches_equal(middle + _global_batches(config, 2, 5, position=position, **kwargs)[0], two)
+    damage = {i: corrupt_source[i]["image_id"] % 6 for i in range(24)}
+    indices = np.concatenate([b["index"] for b in two])
+    assert not any(damage[int(i)] in (UNDECODABLE, NO_CAPTIONS) for i in indices)
+    assert sum(int(b["num_bad_records"].sum()) for b in two) > 0 and "undecodable image" in caplog.text
 
 
 def test_train_shards_are_disjoint_and_cover_the_split(data_dir, config):
@@ -310,6 +389,8 @@ def test_two_workers_produce_valid_batches_and_resume(data_dir, config):
         iterator.close()
     indices = np.concatenate([b["index"] for b in first + expected])
     assert len(set(indices.tolist())) == len(indices)  # no record twice within an epoch
+    config.num_workers = 0  # workers do not change the batches
+    _assert_batches_equal(_take(pipeline.make_train_iterator(config, **kwargs), 4), first + expected)
     assert first[0]["image"].shape == (8, SIZE, SIZE, 3)
     restored = pipeline.make_train_iterator(config, **kwargs)
     try:
@@ -326,9 +407,49 @@ def test_iterator_state_round_trips_through_an_orbax_checkpoint(data_dir, config
     original = pipeline.make_train_iterator(config, **kwargs)
     _take(original, 3)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(original)))
+        manager.save(3, args=ocp.args.Composite(data=ocp.args.JsonSave(original.get_state())))
         manager.wait_until_finished()
         expected = _take(original, 2)
         restored = pipeline.make_train_iterator(config, **kwargs)
-        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+        restored.set_state(manager.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
     _assert_batches_equal(_take(restored, 2), expected)
+
+
+def test_old_one_process_grain_checkpoint_restores_its_data_position(data_dir, config, tmp_path):
+    """Checkpoints written before the global data position held one grain iterator state per process."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from harmoclip_jax import checkpoint
+
+    source = _raw_source(data_dir, "train")
+    old = _old_train_iterator(config, source=source, seed=6)
+    _take(old, 3)
+    state = {"x": np.arange(3.0)}
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state", "data_iter")) as manager:
+        manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data_iter=grain.checkpoint.CheckpointSave(old)))
+        manager.wait_until_finished()
+    expected = [_without_private(b) for b in _take(old, 2)]
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"x": jax.ShapeDtypeStruct((3,), np.float64, sharding=sharding)}
+    for process_count in (1, 2):  # the old one-process position resumes on any process count
+        iterators = [pipeline.make_train_iterator(config, source=source, seed=6, process_index=p,
+                                                  process_count=process_count) for p in range(process_count)]
+        ckpt = checkpoint.TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+        for it in iterators:
+            restored = ckpt.restore(3, abstract, it)
+        ckpt.close()
+        np.testing.assert_array_equal(restored["x"], state["x"])
+        assert iterators[0].get_state() == {"position": 3 * config.batch_size}
+        if process_count == 1:
+            _assert_batches_equal(_take(iterators[0], 2), expected)
+
+
+def test_train_stops_past_the_bad_fraction_with_several_processes(corrupt_source, config):
+    config.batch_size = 2
+    config.max_bad_fraction = 0.5
+    config.bad_check_after = 6
+    iterator = pipeline.make_train_iterator(config, source=corrupt_source, process_index=1, process_count=2)
+    with pytest.raises(pipeline.BadRecordsError, match=r"max_bad_fraction=0\.5.*raise config\.data\.max_bad_fraction"):
+        _take(iterator, 12)

@@ -1,7 +1,11 @@
 """grain input pipelines: TFDS ArrayRecord records (`features.py` schema) -> fixed-shape numpy batches.
 
-Train (`make_train_iterator`): source -> per-process shard -> seeded per-epoch shuffle -> repeat -> per-example
-transform -> skip bad records -> batch (drop remainder) -> optional multiprocess prefetch. One batch holds
+Train (`make_train_iterator`): one global order for every process count. The whole split is shuffled per epoch
+(seeded) and repeated; position i of that stream is one example (per-example transform). Global batch k is the
+examples at positions [k*B, (k+1)*B) (B = per-process batch x process count) and process p of P takes the rows
+[p*B/P, (p+1)*B/P) of it. The iterator's state is one number, the global position of the next batch
+(`{"position": i}`, the same on every process), so a run written by N processes (or workers) resumes on M
+continuing the same global stream; `position=` starts a new iterator there in O(1). One batch holds
 
     image        (B, S, S, 3) float32   squashed to S x S, normalised with the model's `image_mean`/`image_std`
     text         (B, 77) int32          one global caption, drawn per (seed, epoch, record)
@@ -20,14 +24,20 @@ all processes yield the same number of batches (collectives stay in step). One b
 `boxes`/`box_mask`/`label` with all regions (at most `eval_max_regions`), `mask (B,)` (False on padding) and
 `index (B,)` (-1 on padding).
 
-The iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` (JSON-able dicts) or
-`grain.checkpoint.CheckpointSave(it)` put them into checkpoints, and a restored iterator continues with exactly
-the batches the original would have produced. Call `close()` when done (multiprocess workers).
+The train iterator (`TrainIterator`) has `get_state()` / `set_state()` (JSON: `{"position": i}`); a restored
+iterator continues with exactly the batches the original would have produced. Call `close()` when done
+(multiprocess workers). The eval iterators are grain `DatasetIterator`s.
 
 Bad records: train repairs what it can (drops boxes that are non-finite, outside the image beyond float rounding or
 of zero area, and empty captions) and skips what it cannot (undecodable image, no usable caption), logs each, and
 raises `BadRecordsError` once more than `max_bad_fraction` of the records read (after `bad_check_after` records)
-were bad. Eval raises `BadRecordError` naming the record at the first problem.
+were bad (counted per process since the iterator was built). How a skipped record leaves the stream: with one
+process and no workers it is dropped and the later examples move up (the stream is bit for bit the one of earlier
+versions; the position counts the records read); with several processes or with workers it is replaced by the next
+usable record in the global order (`ReplaceBadRecords`), which every process computes alone, so the global
+batches are the same for any process or worker count. With clean data the two agree; with bad records a resume
+between one process without workers and any other setup continues from the right position but under the other
+rule. Eval raises `BadRecordError` naming the record at the first problem.
 """
 from __future__ import annotations
 
@@ -313,7 +323,7 @@ class _SkipBadRecordsIterator(grain.DatasetIterator):
         self._bad = 0
 
     def __next__(self) -> dict:
-        bad_here = 0
+        bad_here = bad_here_skipped = 0
         while True:
             example = next(self._parent)
             where, problems = example.pop("_problems")
@@ -330,8 +340,10 @@ class _SkipBadRecordsIterator(grain.DatasetIterator):
                         "Fix or rebuild the dataset, or raise config.data.max_bad_fraction."
                     )
             if example.get("_skip"):
+                bad_here_skipped += 1
                 continue
             example["num_bad_records"] = np.int32(bad_here)
+            example["_records_read"] = np.int32(bad_here_skipped + 1)
             return example
 
     def get_state(self) -> dict:
@@ -475,33 +487,134 @@ def _finish(ds: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.I
     return ds
 
 
-def make_train_dataset(config: ml_collections.ConfigDict, *, data_dir: str | None = None, seed: int | None = None,
-                       process_index: int | None = None, process_count: int | None = None,
-                       source: Sequence[dict] | None = None) -> grain.IterDataset:
-    """The training `grain.IterDataset` of this process (see module docstring). `source` overrides the TFDS one."""
+def _global_examples(config: ml_collections.ConfigDict, source: Sequence[dict], seed: int) -> grain.MapDataset:
+    """The global training stream: position i -> the example (or skip marker) at position i of the seeded
+    per-epoch shuffle of the whole split. The same for every process count."""
+    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))
+    ds = ds.seed(seed).shuffle().repeat(config.num_epochs)
+    return ds.map_with_index(TrainTransform(inputs=ModelInputs.from_config(config), max_regions=config.max_regions,
+                                            seed=seed, epoch_length=len(source)))
+
+
+class ReplaceBadRecords:
+    """Local position j -> the example for row j % b of this process's slice of global batch j // b: global
+    position `start + (j // b) * B + p * b + j % b`. A record that must be skipped is replaced by the next usable
+    one in the global order (or the previous one past the end of a finite stream), so every process count sees
+    the same global batches. Module-level class: multiprocess workers unpickle it."""
+
+    def __init__(self, examples: grain.MapDataset, *, start: int, local_batch: int, global_batch: int,
+                 offset: int, num_records: int):
+        self.examples, self.num_records = examples, num_records
+        self.start, self.local_batch, self.global_batch, self.offset = start, local_batch, global_batch, offset
+
+    def __call__(self, j: int) -> dict:
+        position = self.start + (j // self.local_batch) * self.global_batch + self.offset + j % self.local_batch
+        skipped, step = 0, 1
+        candidate = position
+        while True:
+            example = self.examples[candidate]
+            where, problems = example.pop("_problems")
+            if problems:
+                action = "skipped" if example.get("_skip") else "repaired"
+                log.warning("bad training %s, %s: %s", where, action, "; ".join(problems))
+            if not example.get("_skip"):
+                example["num_bad_records"] = np.int32(skipped + bool(problems))
+                example["_records_read"] = np.int32(skipped + 1)
+                return example
+            skipped += 1
+            candidate += step
+            if candidate >= len(self.examples):  # finite stream: look backwards from the bad record
+                step, candidate = -1, position - 1
+            if candidate < 0 or skipped > self.num_records:
+                raise BadRecordsError(f"no usable training record among {skipped} consecutive ones around global "
+                                      f"position {position}; fix or rebuild the dataset")
+
+
+class TrainIterator:
+    """The training batches of this process from global example position `position` on.
+
+    Its state is that one number (`get_state() == {"position": ...}`, JSON-able, the same on every process):
+    `set_state` rebuilds the pipeline at that position (O(1): grain MapDataset indexing), whatever process count
+    or worker count wrote it. Two modes (see module docstring): "skip" (one process, no workers: bad records are
+    dropped from the stream exactly as before) and "replace" (otherwise: batches are formed from global
+    positions before any worker or thread sees them).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, source: Sequence[dict], seed: int, process_index: int,
+                 process_count: int, position: int = 0):
+        self._config, self._source, self._seed = config, source, seed
+        self._process_index, self._process_count = process_index, process_count
+        self.global_batch = config.batch_size * process_count
+        self.mode = "skip" if process_count == 1 and config.num_workers == 0 else "replace"
+        self._examples = _global_examples(config, source, seed)
+        self._iterator = None
+        self._seen = self._bad = 0
+        self.set_state({"position": position})
+
+    def _dataset(self, position: int) -> grain.IterDataset:
+        config = self._config
+        if self.mode == "skip":
+            ds = self._examples[position:].to_iter_dataset(grain.ReadOptions(
+                num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size))
+            ds = SkipBadRecords(ds, config.max_bad_fraction, config.bad_check_after)
+            return ds.batch(config.batch_size, drop_remainder=True)
+        b = config.batch_size
+        batches = (len(self._examples) - position) // self.global_batch
+        ds = grain.MapDataset.range(batches * b).map(ReplaceBadRecords(
+            self._examples, start=position, local_batch=b, global_batch=self.global_batch,
+            offset=self._process_index * b, num_records=len(self._source)))
+        ds = ds.batch(b, drop_remainder=True)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                  prefetch_buffer_size=max(1, config.read_buffer_size // b)))
+        return _finish(ds, config)
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        if self.mode == "skip":
+            self.position += int(batch.pop("_records_read").sum())
+            return batch
+        self.position += self.global_batch
+        read = batch.pop("_records_read")
+        self._seen += int(read.sum())
+        self._bad += int(batch["num_bad_records"].sum())
+        if self._seen >= self._config.bad_check_after and \
+                self._bad > self._config.max_bad_fraction * self._seen:
+            raise BadRecordsError(
+                f"{self._bad} of the {self._seen} training records read so far were bad (more than "
+                f"max_bad_fraction={self._config.max_bad_fraction}). Fix or rebuild the dataset, or raise "
+                "config.data.max_bad_fraction.")
+        return batch
+
+    def get_state(self) -> dict:
+        return {"position": int(self.position)}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self.position = int(state["position"])
+        self._iterator = iter(self._dataset(self.position))
+
+    def close(self) -> None:
+        closer = getattr(self._iterator, "close", None)
+        if closer is not None:
+            closer()
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, *, data_dir: str | None = None, seed: int | None = None,
+                        process_index: int | None = None, process_count: int | None = None,
+                        source: Sequence[dict] | None = None, position: int = 0) -> TrainIterator:
+    """This process's training batches (see module docstring) from global example `position` on; `source`
+    overrides the TFDS one. Checkpoint it with get/set_state (one number: the global position)."""
     process_index, process_count = _process(process_index, process_count)
     seed = config.seed if seed is None else seed
     if source is None:
         source = open_source(config.dataset, config.train_split, data_dir or config.data_dir)
-    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))
-    ds = ds[process_index::process_count]
-    if len(ds) < config.batch_size:
-        raise ValueError(f"process {process_index} has {len(ds)} training records, fewer than one batch "
-                         f"(batch_size={config.batch_size} per process)")
-    epoch_length = len(ds)
-    ds = ds.seed(seed).shuffle().repeat(config.num_epochs)
-    ds = ds.map_with_index(TrainTransform(inputs=ModelInputs.from_config(config), max_regions=config.max_regions,
-                                          seed=seed, epoch_length=epoch_length))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                              prefetch_buffer_size=config.read_buffer_size))
-    ds = SkipBadRecords(ds, config.max_bad_fraction, config.bad_check_after)
-    ds = ds.batch(config.batch_size, drop_remainder=True)
-    return _finish(ds, config)
-
-
-def make_train_iterator(config: ml_collections.ConfigDict, **kwargs) -> grain.DatasetIterator:
-    """An iterator over training batches; arguments as `make_train_dataset`. Checkpoint it with get/set_state."""
-    return iter(make_train_dataset(config, **kwargs))
+    if len(source) < config.batch_size * process_count:
+        raise ValueError(f"the training split has {len(source)} records, fewer than one global batch "
+                         f"(batch_size={config.batch_size} per process x {process_count} processes)")
+    return TrainIterator(config, source, seed, process_index, process_count, position)
 
 
 def make_eval_dataset(config: ml_collections.ConfigDict, *, split: str | None = None, data_dir: str | None = None,
