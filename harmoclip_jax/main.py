@@ -4,7 +4,8 @@
     python -m harmoclip_jax.main --config=configs/vitb16.py:method=fineclip,res=336 --config.optim.lr=2e-5
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. Under a multi-process launcher set
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM/Cloud TPU, which JAX detects).
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM/Cloud TPU, which JAX detects): `distributed.initialize_from_environment`.
+Expected errors (bad flags or config, missing files) print one `error: ...` line; --verbose adds the traceback.
 """
 from __future__ import annotations
 
@@ -27,44 +28,6 @@ def _define_flags() -> None:
                                               lock_config=True)
 
 
-def distributed_arguments(environ=os.environ) -> dict | None:
-    """The `jax.distributed.initialize` arguments of this launch; None for a single process.
-
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (README's multi-host launch) are passed explicitly:
-    jax does not read them itself. Under SLURM or on a Cloud TPU slice the arguments are left to jax's detection.
-    """
-    address = environ.get("JAX_COORDINATOR_ADDRESS")
-    if address:
-        missing = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not environ.get(name)]
-        if missing:
-            raise cli.UsageError(f"JAX_COORDINATOR_ADDRESS={address} is set but {' and '.join(missing)} "
-                                 f"{'is' if len(missing) == 1 else 'are'} not: set JAX_NUM_PROCESSES=N and "
-                                 f"JAX_PROCESS_ID=i (0..N-1) for each process")
-        try:
-            num_processes, process_id = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
-        except ValueError:
-            raise cli.UsageError(f"JAX_NUM_PROCESSES={environ['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
-                                 f"{environ['JAX_PROCESS_ID']!r} must be integers") from None
-        if not 0 <= process_id < num_processes:
-            raise cli.UsageError(f"JAX_PROCESS_ID={process_id} must be in 0..{num_processes - 1} "
-                                 f"(JAX_NUM_PROCESSES={num_processes})")
-        return {"coordinator_address": address, "num_processes": num_processes, "process_id": process_id}
-    if environ.get("SLURM_JOB_ID") or environ.get("TPU_WORKER_HOSTNAMES"):
-        return {}  # jax's cluster detection fills everything in
-    return None
-
-
-def _maybe_initialize_distributed() -> None:
-    arguments = distributed_arguments()
-    if arguments is None:
-        return
-    import jax
-
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**arguments)
-
-
 def _config_file() -> str:
     return flags.FLAGS["config"].config_filename.split(":", 1)[0]  # without the `:arguments`
 
@@ -82,7 +45,9 @@ def main(argv):
     if not os.path.isfile(_config_file()):
         raise cli.UsageError(f"--config: no config file {_config_file()} (relative to {os.getcwd()}); e.g. "
                              f"--config=configs/demo.py from the repository root")
-    _maybe_initialize_distributed()
+    from harmoclip_jax import distributed
+
+    distributed.initialize_from_environment()
     from harmoclip_jax import train
     from harmoclip_jax.data import pipeline
 
