@@ -101,7 +101,7 @@ def describe(error: BaseException, argv: Sequence[str] = ()) -> str:
         text = str(error.args[0])  # str(KeyError) is the repr of its argument
     else:
         text = str(error) or type(error).__name__
-    if isinstance(error, OSError) and error.filename and error.strerror and str(error.filename) not in text:
+    if isinstance(error, OSError) and error.filename and error.strerror:  # not "[Errno 2] ... 'x'"
         text = f"{error.strerror}: {error.filename}"
     return _strip_embedded_traceback(text).strip()
 
