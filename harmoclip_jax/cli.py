@@ -85,9 +85,10 @@ def _config_key_message(error: BaseException, argv: Sequence[str]) -> str | None
         return None
     culprits = [a.split("=", 1)[0] for a in argv[1:]
                 if a.startswith(("--config.", "-config.")) and key in a.split("=", 1)[0].split(".")[1:]]
-    where = f"{culprits[-1]}: " if culprits else ""
+    if not culprits:  # not an override's typo (say, a bug in a config file): describe it as it is
+        return None
     hint = hint.strip()
-    return f"{where}the config has no field {key!r}" + (f" ({hint})" if hint else "") + \
+    return f"{culprits[-1]}: the config has no field {key!r}" + (f" ({hint})" if hint else "") + \
         "; the fields are listed in the config file and harmoclip_jax/config_lib.py"
 
 

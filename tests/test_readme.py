@@ -55,7 +55,7 @@ def test_readme_has_the_quick_start_commands():
     assert "quiet_pip -r requirements-dev.txt" in ci and "python -m pytest -q" in ci and "export CI=true" in ci
     # README command 1: the runtime-only install and the demo (smoke size), then the package as `pip install .`.
     assert "quiet_pip -r requirements.txt" in ci and "python -m harmoclip_jax.main --config=configs/demo.py:smoke" in ci
-    assert 'quiet_pip "$repo"' in ci and "import harmoclip_jax.inference, harmoclip_jax.train" in ci
+    assert 'quiet_pip "$scratch/src"' in ci and "import harmoclip_jax.inference, harmoclip_jax.train" in ci
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
