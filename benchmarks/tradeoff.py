@@ -38,6 +38,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
+from harmoclip_jax import cli  # noqa: E402
+
 # ------------------------------------------------------------------------------------------------ the study
 
 
@@ -92,9 +94,9 @@ class Study:
     def default(cls, scale: float = 1.0, num_seeds: int = 3, data_dir: str | None = None,
                 dataset: str | None = None, variant: str | None = None) -> "Study":
         if scale <= 0 or num_seeds < 1:
-            raise SystemExit(f"--scale={scale} must be positive and --seeds={num_seeds} at least 1")
+            raise cli.UsageError(f"--scale={scale} must be positive and --seeds={num_seeds} at least 1")
         if dataset and not dataset.startswith("scenes/"):
-            raise SystemExit(f"--dataset={dataset}: the study's configs (text lengths, classes) are made for the scenes "
+            raise cli.UsageError(f"--dataset={dataset}: the study's configs (text lengths, classes) are made for the scenes "
                              "dataset (scenes/small, scenes/default); for COCO run configs/vitb16.py with each method=")
         base = cls()
         image_size = base.image_size
@@ -365,6 +367,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     parser.add_argument("--report_only", action="store_true", help="only redraw the report from finished runs")
     parser.add_argument("--smoke", action="store_true", help="tiny model/dataset, 2 steps: checks the plumbing")
+    parser.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = parser.parse_args(argv)
 
     names = tuple(n.strip() for n in args.only.split(",") if n.strip()) or RUN_NAMES
@@ -382,14 +385,14 @@ def main(argv=None) -> int:
     described = json.dumps({k: v for k, v in dataclasses.asdict(study).items() if k not in ("seeds", "data_dir")},
                            sort_keys=True)
     if stamp.exists() and stamp.read_text() != described:
-        raise SystemExit(f"{workdir} holds a study with other settings ({stamp.read_text()}); use another "
+        raise cli.UsageError(f"{workdir} holds a study with other settings ({stamp.read_text()}); use another "
                          f"--workdir for {described}")
     stamp.write_text(described)
     if not args.report_only:
         run_study(study, workdir, names)
     rows = collect(workdir, study)
     if not rows:
-        raise SystemExit(f"no finished runs in {workdir}; run without --report_only first")
+        raise cli.Error(f"no finished runs in {workdir}; run without --report_only first")
     options = [f"--scale {args.scale:g}" if args.scale != 1 else "", f"--seeds {args.seeds}" if args.seeds != 3 else "",
                f"--dataset {args.dataset}" if args.dataset else "", f"--variant {args.variant}" if args.variant else "",
                f"--only {args.only}" if args.only else "", "--smoke" if args.smoke else ""]
@@ -400,4 +403,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -11,10 +11,11 @@ CLIPProcessor.from_pretrained(HF_DIR, backend="pil") for pixels identical to our
 """
 from __future__ import annotations
 
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from harmoclip_jax import cli
 
 _HF = flags.DEFINE_string("hf", None, "Hugging Face CLIPModel directory (config.json + weights).")
 _OPEN_CLIP = flags.DEFINE_string("open_clip", None, "open_clip / OpenAI state dict (.pt, .bin, .safetensors).")
@@ -32,8 +33,7 @@ flags.DEFINE_alias("to-hf", "to_hf")
 
 
 def _usage_error(message: str) -> None:
-    print(f"error: {message}\n\n{__doc__}", file=sys.stderr)
-    raise SystemExit(2)
+    raise cli.UsageError(f"{message} (usage: python -m harmoclip_jax.convert --help)")
 
 
 def main(argv) -> None:
@@ -84,4 +84,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

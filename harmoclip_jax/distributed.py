@@ -1,6 +1,8 @@
 """Multi-process helpers (no-ops in a single process)."""
 from __future__ import annotations
 
+import os
+
 import jax
 
 
@@ -16,3 +18,45 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
 
     multihost.sync_global_processes(f"harmoclip/{name}", timeout=timeout_s,
                                     processes=set(range(jax.process_count())))
+
+
+def launch_arguments(environ=os.environ) -> dict | None:
+    """The `jax.distributed.initialize` arguments of this launch; None for a single process.
+
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (README's multi-host launch) are passed explicitly:
+    jax does not read them itself. Under SLURM or on a Cloud TPU slice the arguments are left to jax's detection.
+    """
+    address = environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        missing = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not environ.get(name)]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={address} is set but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not: set JAX_NUM_PROCESSES=N and "
+                             f"JAX_PROCESS_ID=i (0..N-1) for each process")
+        try:
+            num_processes, process_id = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
+        except ValueError:
+            raise ValueError(f"JAX_NUM_PROCESSES={environ['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+                             f"{environ['JAX_PROCESS_ID']!r} must be integers") from None
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"JAX_PROCESS_ID={process_id} must be in 0..{num_processes - 1} "
+                             f"(JAX_NUM_PROCESSES={num_processes})")
+        return {"coordinator_address": address, "num_processes": num_processes, "process_id": process_id}
+    if environ.get("SLURM_JOB_ID") or environ.get("TPU_WORKER_HOSTNAMES"):
+        return {}  # jax's cluster detection fills everything in
+    return None
+
+
+def initialize_from_environment(environ=os.environ) -> bool:
+    """`jax.distributed.initialize` for a multi-process launch (see `launch_arguments`); False for one process.
+
+    Call it before anything touches the devices. On CPU the cross-process collectives go through gloo.
+    """
+    arguments = launch_arguments(environ)
+    if arguments is None:
+        return False
+    # Only the CPU backend's cross-process collectives (without it a multi-process CPU run has none); GPU and TPU
+    # collectives are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**arguments)
+    return True

@@ -4,55 +4,62 @@
     python -m harmoclip_jax.main --config=configs/vitb16.py:method=fineclip,res=336 --config.optim.lr=2e-5
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. Under a multi-process launcher set
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM/Cloud TPU, which JAX detects).
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM/Cloud TPU, which JAX detects): `distributed.initialize_from_environment`.
+Expected errors (bad flags or config, missing files) print one `error: ...` line; --verbose adds the traceback.
 """
 from __future__ import annotations
 
-import logging
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config file[:arguments].",
-                                          lock_config=True)
+from harmoclip_jax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots (default: "
                                "runs/<config name>).")
+_CONFIG = None  # the config flag's holder, defined by _define_flags (run_absl reports its errors as one line)
 
 
-def _maybe_initialize_distributed() -> None:
-    import jax
+def _define_flags() -> None:
+    global _CONFIG
+    from ml_collections import config_flags
 
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or \
-            os.environ.get("TPU_WORKER_HOSTNAMES"):
-        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config file[:arguments].",
+                                              lock_config=True)
+
+
+def _config_file() -> str:
+    return flags.FLAGS["config"].config_filename.split(":", 1)[0]  # without the `:arguments`
 
 
 def main(argv):
-    del argv
     import sys
 
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags are --config=FILE[:ARGS], --config.a.b=VALUE, "
+                             f"--workdir=DIR")
     if any(arg.startswith("--config.method") for arg in sys.argv[1:]):
         # The method is a preset: the config file's `method=` argument sets the loss weights with it.
-        print("error: --config.method would rename the run without changing its losses; choose the method in the "
-              "config argument, e.g. --config=configs/demo.py:method=fineclip", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    _maybe_initialize_distributed()
+        raise cli.UsageError("--config.method would rename the run without changing its losses; choose the method "
+                             "in the config argument, e.g. --config=configs/demo.py:method=fineclip")
+    if not os.path.isfile(_config_file()):
+        raise cli.UsageError(f"--config: no config file {_config_file()} (relative to {os.getcwd()}); e.g. "
+                             f"--config=configs/demo.py from the repository root")
+    from harmoclip_jax import distributed
+
+    distributed.initialize_from_environment()
     from harmoclip_jax import train
+    from harmoclip_jax.data import pipeline
 
     config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(
-        flags.FLAGS["config"].config_filename))[0])
+    workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(_config_file()))[0])
     try:
         train.train_and_evaluate(config, workdir)
-    except (FileNotFoundError, ValueError, train.NonFiniteLossError) as error:
-        # Expected failures (missing data/weights, bad config, diverged run) deserve a message, not a traceback.
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    except (train.NonFiniteLossError, pipeline.BadRecordsError) as error:
+        # Expected failures (a diverged run, a dataset with too many bad records) deserve a message, not a
+        # traceback; missing data/weights (OSError) and bad configs (ValueError) are reported by cli.run_absl.
+        raise cli.Error(str(error)) from error
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main, define_flags=_define_flags)

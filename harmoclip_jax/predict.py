@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from harmoclip_jax import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, params checkpoint or HF CLIPModel dir.")
 _STEP = flags.DEFINE_integer("step", None, "Training checkpoint step of a workdir (default: the latest).")
@@ -40,8 +41,11 @@ _SAVE_SCENE = flags.DEFINE_string("save_scene", None, "Write the --scene image t
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).")
 
 
-class UsageError(Exception):
-    pass
+class UsageError(cli.UsageError):
+    """Wrong or missing flags: one line, and where the usage is."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{message} (usage: python -m harmoclip_jax.predict --help)")
 
 
 def _scene(spec: str, size: int):
@@ -130,20 +134,9 @@ def run() -> dict:
 
 
 def main(argv) -> None:
-    from harmoclip_jax.inference import InputError
-
     if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}\n\n{__doc__}", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        report = run()
-    except UsageError as error:
-        print(f"error: {error}\n\n{__doc__}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(format_report(report))
+        raise UsageError(f"unexpected arguments {argv[1:]}")
+    print(format_report(run()))
 
 
 def format_report(report: dict) -> str:
@@ -159,4 +152,4 @@ def format_report(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -11,7 +11,7 @@ from harmoclip_jax.models import convert
 from harmoclip_jax.models.variants import get_config
 from harmoclip_jax.testing import reference
 
-torch = pytest.importorskip("torch")  # dev requirement; CI installs it
+import torch  # noqa: E402 - dev requirement (requirements-dev.txt): a broken install fails, never skips
 
 
 def _images(rng, n, size):

@@ -41,7 +41,7 @@ def test_eval_shape_every_variant(variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_param_count_equals_transformers_model(variant):
     """The same architecture built by transformers (on the meta device: no memory) has as many parameters."""
-    torch = pytest.importorskip("torch")
+    import torch
     from harmoclip_jax.models.convert import hf_config_dict
     from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
 
@@ -150,7 +150,7 @@ def test_layer_norm_custom_backward_matches_autodiff(rng):
     for a, b in zip(ours, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     check_grads(lambda *a: layer_norm(*a, 1e-5), (x, scale, bias), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
-    torch = pytest.importorskip("torch")
+    import torch
     want_torch = torch.nn.functional.layer_norm(torch.from_numpy(np.array(x)), (16,),
                                                 torch.from_numpy(np.array(scale)), torch.from_numpy(np.array(bias)))
     np.testing.assert_allclose(np.asarray(layer_norm(x, scale, bias, 1e-5)), want_torch.numpy(), atol=1e-5)

@@ -93,3 +93,31 @@ def test_resume_with_another_process_count_continues_the_same_data(tmp_path):
         got = _losses(workdir)
         assert sorted(got) == [1, 2, 3, 4]
         np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_readme_multi_host_launch(tmp_path):
+    """README's multi-host launch, as written: `JAX_COORDINATOR_ADDRESS=... JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i
+    python -m harmoclip_jax.main --config=configs/demo.py:smoke,noeval ...`, two local processes with 2 fake CPU
+    devices each. Both exit 0, the run spans 4 devices in 2 processes, and it finishes (last step's metrics and the
+    params export written)."""
+    readme = (HERE.parent / "README.md").read_text()
+    assert "JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i" in readme
+    port = _free_port()
+    workdir = tmp_path / "run"
+    procs = []
+    for i in range(2):
+        env = {**_env(2), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(i)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "harmoclip_jax.main", "--config=configs/demo.py:smoke,noeval",
+             f"--workdir={workdir}", "--config.progress_bar=False", "--config.plot=False"],
+            env=env, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+        assert "Traceback" not in err, err[-4000:]
+    assert "on 4 cpu device(s), 2 process(es)" in outputs[0][0], outputs[0][0]
+    steps = [json.loads(line).get("step") for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 4
+    assert (workdir / "params" / "model.json").exists()

@@ -1,8 +1,15 @@
 """Every command in README.md stays valid: its module exists, each flag it uses is one the module defines, and each
 `--config=...` (with its `:arguments`) and `--config.a.b=` override names a real config field.
 
-The commands' behaviour is tested elsewhere with small inputs: the demo by test_train_e2e (smoke setting), convert
-by test_checkpoint, prepare by test_real_datasets/test_scenes, predict by test_inference, the tests by CI itself.
+`test_readme_commands_run` runs the commands themselves, as written, at the demo's smoke size: the first demo
+command (with `:smoke` appended to its config argument), the predict command on its workdir, and the three convert
+commands, with HOME in a temporary folder holding a tiny Hugging Face CLIPModel at ~/models/clip-vit-base-patch16 and
+a tiny open_clip state dict as ViT-B-16.pt (the open_clip command's `--variant ViT-B/16 --image_size 336` become
+`test-tiny`/96: a real ViT-B/16 is too big for a test). Not run, only checked for validity: the other training
+commands (the baseline is the demo with another method; the COCO protocol needs COCO and converted weights), the
+prepare commands (COCO/Flickr30k files: their builders run on hand-made files in test_real_datasets), the trade-off
+study (test_tradeoff runs it at smoke size) and the test command (CI runs it). The multi-host launch is run by
+test_multiprocess.test_readme_multi_host_launch; README command 1's runtime-only install by .ci/run.
 """
 import pathlib
 import re
@@ -11,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+from trainer_helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -44,7 +52,10 @@ def test_readme_has_the_quick_start_commands():
     assert "harmoclip_jax.main" in modules and "harmoclip_jax.convert" in modules
     assert "pip install -r requirements-dev.txt && python -m pytest -q" in (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install -q -r requirements-dev.txt" in ci and "python -m pytest -q" in ci
+    assert "quiet_pip -r requirements-dev.txt" in ci and "python -m pytest -q" in ci and "export CI=true" in ci
+    # README command 1: the runtime-only install and the demo (smoke size), then the package as `pip install .`.
+    assert "quiet_pip -r requirements.txt" in ci and "python -m harmoclip_jax.main --config=configs/demo.py:smoke" in ci
+    assert 'quiet_pip "$scratch/src"' in ci and "import harmoclip_jax.inference, harmoclip_jax.train" in ci
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
@@ -86,3 +97,56 @@ def test_readme_tradeoff_table_is_the_generated_one():
     command = (ROOT / "docs" / "tradeoff.md").read_text().split("\n", 1)[0]
     assert command.removeprefix("<!-- regenerate: ").removesuffix(" -->") in readme
     assert "docs/tradeoff.png" in readme and (ROOT / "docs" / "tradeoff.png").exists()
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path):
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    from flax import nnx
+
+    from harmoclip_jax.models import convert
+    from harmoclip_jax.models.clip import CLIP
+    from harmoclip_jax.testing import reference
+
+    reference.hf_clip_model("test-tiny", seed=3).save_pretrained(home / "models" / "clip-vit-base-patch16")
+    import torch
+    from safetensors.numpy import load_file
+
+    convert.save_open_clip(CLIP("test-tiny", rngs=nnx.Rngs(1)), tmp_path / "tiny.safetensors")
+    torch.save({k: torch.from_numpy(v) for k, v in load_file(str(tmp_path / "tiny.safetensors")).items()},
+               tmp_path / "ViT-B-16.pt")
+    env = {**subprocess_env(), "HOME": str(home)}
+    by_module = {}
+    for command in COMMANDS:
+        by_module.setdefault(command[2] if command[1] == "-m" else command[1], []).append(command)
+
+    def run(command, cwd):  # through bash, so that ~ is the temporary HOME as for a user
+        assert command[0] == "python"
+        line = " ".join(a if a.startswith("~/") else shlex.quote(a) for a in [sys.executable, *command[1:]])
+        proc = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (line, proc.stdout[-2000:],
+                                                                          proc.stderr[-4000:])
+        return proc
+
+    # Training: the README's first command, at smoke size, in the repository (its config path is relative).
+    demo = by_module["harmoclip_jax.main"][0]
+    assert demo[3:] == ["--config=configs/demo.py", "--workdir=workdirs/demo"], demo
+    workdir = tmp_path / "workdirs" / "demo"
+    run([*demo[:3], "--config=configs/demo.py:smoke", f"--workdir={workdir}", "--config.progress_bar=False",
+         "--config.plot=False"], ROOT)
+    # Inference on it, from a folder holding workdirs/demo, as written.
+    predict = by_module["harmoclip_jax.predict"][0]
+    assert "workdirs/demo" in predict
+    run(predict, tmp_path)
+    assert (tmp_path / "labelled.png").exists()
+    # Conversion: HF -> ours, open_clip -> ours, ours -> HF.
+    hf_in, open_clip_in, to_hf = by_module["harmoclip_jax.convert"]
+    run(hf_in, tmp_path)
+    small = [{"ViT-B/16": "test-tiny", "336": "96"}.get(a, a) for a in open_clip_in]
+    assert small != open_clip_in
+    out = run(small, tmp_path).stdout
+    assert "position embedding resized" in out
+    run(to_hf, tmp_path)
+    assert (home / "models" / "vitb16_harmoclip" / "model.safetensors").exists()
+    assert (home / "ckpt" / "vitb16" / "model.json").exists() and (home / "ckpt" / "vitb16_336").exists()

@@ -18,6 +18,7 @@ import time
 
 import tensorflow_datasets as tfds
 
+from harmoclip_jax import cli
 from harmoclip_jax.data import registry
 
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. max_regions=20 or lexeme_backend=rules")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the dataset already exists")
+    parser.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = parser.parse_args(argv)
     options = {}
     for item in args.option:
@@ -128,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

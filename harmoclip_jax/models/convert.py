@@ -256,22 +256,36 @@ def _resize_if_needed(params: dict, config: CLIPConfig, checkpoint_image_size: i
 # Hugging Face
 
 
+class UnreadableCheckpointError(ValueError):
+    """The file is not a state dict (a mapping of names to tensors) that safetensors or torch can read."""
+
+
 def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a corrupt file
+            raise UnreadableCheckpointError(f"{path} is not a readable .safetensors state dict ({e})") from e
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"{path} is a pickled torch file; reading it needs torch (pip install torch), or "
                           "convert it to .safetensors first") from e
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI's TorchScript release
-    else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI's TorchScript release
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises pickle, zip and runtime errors for a foreign file
+        raise UnreadableCheckpointError(f"{path} is not a torch state dict that torch.load can read "
+                                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoints
         sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not sd:
+        raise UnreadableCheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of "
+                                        f"parameter names to tensors)")
     out = {}
     for k, v in sd.items():
         k = k[len("module."):] if k.startswith("module.") else k
