@@ -161,8 +161,6 @@ def pretrain_config(study: Study):
 
 
 def finetune_config(study: Study, run: Run, seed: int, init_dir: pathlib.Path):
-    from harmoclip_jax import config_lib
-
     c = base_config(study, run.method)
     c.loss.update_from_flattened_dict(run.loss)
     c.seed = c.data.seed = seed

@@ -158,6 +158,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     if config.init.mode not in ("scratch", "params"):
         raise ValueError(f"config.init.mode={config.init.mode!r}; use 'scratch' or 'params' (a converted "
                          "checkpoint directory in config.init.params_dir)")
+    if config.init.mode == "scratch" and config.init.params_dir:
+        raise ValueError(f"config.init.params_dir={config.init.params_dir!r} is set but config.init.mode='scratch' "
+                         "ignores it; add --config.init.mode=params to start from it, or drop params_dir")
     for field, source in DERIVED_DATA_FIELDS.items():
         if field in config.data:
             raise ValueError(f"config.data.{field} is set, but {source} decides it; remove config.data.{field}")

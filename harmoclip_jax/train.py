@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
 from harmoclip_jax import checkpoint as ckpt_lib
 from harmoclip_jax import config_lib, distributed, evaluators, losses, optim, sharding

@@ -65,6 +65,7 @@ def _demo():
     (lambda c: c.model.update(family="vgg"), "unknown backbone family 'vgg'.*registered: clip"),
     (lambda c: c.model.update(variant="ViT-Q/3"), "unknown CLIP variant 'ViT-Q/3'"),
     (lambda c: c.model.update(dtype="float64"), "dtype='float64'"),
+    (lambda c: c.init.update(params_dir="/ckpt"), "add --config.init.mode=params"),
 ])
 def test_validate_rejects_bad_configs(change, message):
     c = _demo()
