@@ -6,6 +6,8 @@
     WORKDIR/metrics.jsonl        one JSON object per logged step; WORKDIR/curves.png its plot
     WORKDIR/lexeme_vocab.json    LRC's lexeme vocabulary (lrc_negatives="vocab")
     WORKDIR/text_cache/          frozen-text-tower embeddings
+    WORKDIR/config_history.jsonl one line per start/resume: accepted config changes (`resume.py`)
+    WORKDIR/.lock                held (fcntl.flock) by the process training in it (`resume.WorkdirLock`)
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 LEXEME_VOCAB = "lexeme_vocab.json"
 TEXT_CACHE = "text_cache"
+CONFIG_HISTORY = "config_history.jsonl"
+LOCK = ".lock"
 # The training state's item inside checkpoints/STEP/ (`checkpoint.TrainCheckpointer`).
 STATE_ITEM = "state"
 DATA_ITEM = "data_iter"
