@@ -420,8 +420,11 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop now
-            raise KeyboardInterrupt
+        if self.requested:  # second signal: stop now. Not KeyboardInterrupt: a finaliser (__del__) would swallow it,
+            # and cleanup waits for an in-flight save. Exiting is as safe as kill -9: the latest finished checkpoint
+            # stays, an unfinished one is a temporary directory that the next run ignores.
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting",
               file=sys.stderr, flush=True)
