@@ -234,18 +234,21 @@ def test_double_ctrl_c_with_grain_workers_exits_at_once_and_the_workdir_resumes(
 # ------------------------------------------------------------------------------------- kill -9 at random
 
 
+# Each run is compile-bound (~20-60 s on a shared 2-core CPU), so by default one random kill per config, and the
+# text cache and the lexeme vocabulary share a config; HARMOCLIP_KILL_SEEDS=0,1,2 kills that many times per run.
 KILL_CONFIGS = {
-    "text_cache": ("smoke,noeval", ["--config.optim.freeze_text_tower=True"]),
+    "text_cache+lexeme_vocab": ("smoke,noeval", ["--config.optim.freeze_text_tower=True",
+                                                 "--config.loss.lrc_negatives=vocab"]),
     "teacher": ("smoke,noeval,method=clipself", []),
-    "lexeme_vocab": ("smoke,noeval", ["--config.loss.lrc_negatives=vocab"]),
 }
-KILL_SEEDS = [int(s) for s in os.environ.get("HARMOCLIP_KILL_SEEDS", "0,1").split(",")]
+KILL_SEEDS = [int(s) for s in os.environ.get("HARMOCLIP_KILL_SEEDS", "0").split(",")]
 
 
 @pytest.mark.parametrize("name", sorted(KILL_CONFIGS))
 def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(name, tmp_path):
-    """For each seed: start (or resume) the run, SIGKILL it at a random moment after its first step (often inside
-    an async save: a checkpoint every step), then rerun to completion; the losses equal an uninterrupted run's."""
+    """For each seed: start (or resume) the run, SIGKILL it at a random moment after its first new step (often
+    inside an async save: a checkpoint every step), then rerun to completion; the losses equal an uninterrupted
+    run's, bitwise."""
     arg, extra = KILL_CONFIGS[name]
     overrides = ["--config.total_steps=10", "--config.checkpoint.every=1", "--config.checkpoint.keep=2",
                  "--config.log_every=1", *extra]
@@ -269,6 +272,8 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(name, t
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_mid_run += 1
             proc.wait(timeout=60)
+            in_flight = [p.name for p in (workdir / "checkpoints").glob("*tmp*")]
+            print(f"{name} seed {seed}: killed {delay:.2f}s after a step; unfinished saves left: {in_flight}")
         finally:
             if proc.poll() is None:
                 proc.kill()
