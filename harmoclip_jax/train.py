@@ -424,6 +424,10 @@ class _StopRequest:
             # and cleanup waits for an in-flight save. Exiting is as safe as kill -9: the latest finished checkpoint
             # stays, an unfinished one is a temporary directory that the next run ignores.
             print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            import multiprocessing
+
+            for child in multiprocessing.active_children():  # grain workers: not orphaned when only we got it
+                child.kill()
             os._exit(128 + signum)
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting",

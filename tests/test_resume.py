@@ -192,9 +192,13 @@ def test_disk_full_during_a_save_is_one_error_line_and_the_last_good_checkpoint_
     assert _losses(workdir) == _losses(base)
 
 
-def test_double_ctrl_c_with_grain_workers_exits_at_once_and_the_workdir_resumes(tmp_path):
-    """The first Ctrl-C lands just before step 4, whose evaluation (compiling the encoders) keeps the run busy for
-    seconds; the second one, sent once the first is acknowledged, exits at once."""
+@pytest.mark.parametrize("to_group", [True, False], ids=["terminal", "trainer_only"])
+def test_double_ctrl_c_with_grain_workers_exits_at_once_and_the_workdir_resumes(to_group, tmp_path):
+    """The first SIGINT lands just before step 4, whose evaluation (compiling the encoders) keeps the run busy for
+    seconds; the second one, sent once the first is acknowledged, exits at once. `terminal`: both go to the whole
+    process group (a terminal's Ctrl-C; the grain workers get them too); `trainer_only` (`kill -INT PID`): the
+    trainer must end its workers itself."""
+    send = (lambda pid: os.killpg(pid, signal.SIGINT)) if to_group else (lambda pid: os.kill(pid, signal.SIGINT))
     workdir = tmp_path / "run"
     overrides = ["--config.data.num_workers=2", "--config.checkpoint.every=2", "--config.log_every=1"]
     log = tmp_path / "stderr.txt"
@@ -207,10 +211,10 @@ def test_double_ctrl_c_with_grain_workers_exits_at_once_and_the_workdir_resumes(
         while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(_losses(workdir)) >= 3):
             time.sleep(0.05)
         assert proc.poll() is None
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the trainer and its grain workers
+        send(proc.pid)
         while time.time() < deadline and "saving a checkpoint after this step" not in log.read_text():
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)  # ... twice: stop now
+        send(proc.pid)  # ... twice: stop now
         start = time.time()
         proc.wait(timeout=60)
         assert time.time() - start < 5
