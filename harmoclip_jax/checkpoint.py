@@ -7,7 +7,10 @@ Layout of a params checkpoint directory:
 """
 from __future__ import annotations
 
+import datetime
+import errno
 import json
+import logging
 import os
 import pathlib
 from typing import Any, Callable
@@ -17,6 +20,8 @@ import orbax.checkpoint as ocp
 
 from harmoclip_jax import workdir as workdir_lib
 from harmoclip_jax.models import glue, registry
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.json"
 LEGACY_CLIP_FILE = "clip_config.json"
@@ -132,6 +137,11 @@ def _legacy_data_position(directory: pathlib.Path) -> dict:
     return {"position": seen}
 
 
+class CheckpointSaveError(ValueError):
+    """Writing a training checkpoint failed (e.g. the disk is full); the earlier checkpoints are untouched.
+    (A ValueError so the command line prints it as one `error:` line.)"""
+
+
 class TrainCheckpointer:
     """Full training checkpoints in `directory`: the state pytree (params, optimizer state, step, rng, ...) and
     the data position (`data_iterator.get_state()`: one global example index, the same on every process, written
@@ -143,8 +153,10 @@ class TrainCheckpointer:
     latest). Restores into abstract targets that carry shardings, so a checkpoint restores onto any mesh.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True,
+                 fail_save_at_step: int = -1):
         self.directory = pathlib.Path(directory).absolute()
+        self.fail_save_at_step = fail_save_at_step  # testing aid: that save fails like a full disk
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, DATA_POSITION_ITEM, DATA_ITEM), options=options)
@@ -152,11 +164,27 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def finished_steps(self) -> list[int]:
+        """Steps whose directory is complete (an unfinished write is a temporary directory)."""
+        return workdir_lib.finished_steps(self.directory)
+
+    def _save_failed(self, step: int, error: OSError) -> CheckpointSaveError:
+        good = [s for s in self.finished_steps() if s != step]
+        return CheckpointSaveError(
+            f"saving the checkpoint of step {step} in {self.directory} failed: {error}. The last good checkpoint "
+            f"is step {good[-1] if good else None} (untouched); free space and rerun the same command to resume.")
+
     def save(self, step: int, state, data_iterator=None) -> None:
         items = {STATE_ITEM: ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items[DATA_POSITION_ITEM] = ocp.args.JsonSave(data_iterator.get_state())
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            if step == self.fail_save_at_step:
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (simulated by "
+                              "config.debug.fail_save_at_step)")
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except OSError as error:  # an async write of an earlier step may report here too
+            raise self._save_failed(step, error) from error
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores `step` into `abstract_state` (ShapeDtypeStructs with shardings); sets the iterator's position."""
@@ -171,9 +199,42 @@ class TrainCheckpointer:
                                     else restored[DATA_POSITION_ITEM])
         return restored[STATE_ITEM]
 
+    def restore_latest(self, abstract_state, data_iterator=None):
+        """(step, state) of the newest checkpoint that restores, or (None, None) when there is none. A checkpoint
+        that fails to restore (truncated or missing files) is skipped with a warning and, once an older one has
+        restored, moved aside to `STEP.corrupt-<time>` so it no longer shadows the good one. When none restores,
+        the first error is raised and nothing is moved."""
+        failed, first_error = [], None
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
+                log.warning("checkpoint step %d in %s does not restore (%s: %s); trying the previous one", step,
+                            self.directory, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                failed.append(step)
+                first_error = first_error or error
+                continue
+            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+            for bad in failed:
+                aside = self.directory / f"{bad}.corrupt-{stamp}"
+                os.replace(self.directory / str(bad), aside)
+                log.warning("moved the unreadable checkpoint step %d aside to %s; resuming from step %d", bad, aside,
+                            step)
+            if failed:
+                self.manager.reload()
+            return step, state
+        if first_error is not None:
+            raise first_error
+        return None, None
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except OSError as error:
+            raise self._save_failed(self.manager.latest_step(), error) from error
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

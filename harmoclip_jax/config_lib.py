@@ -264,9 +264,15 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.text_cache.dir = placeholder(str)  # default: workdir/text_cache
 
     c.evals = ml_collections.ConfigDict()
+    # Rerunning a workdir with checkpoints refuses config changes that alter the saved state's meaning
+    # (harmoclip_jax/resume.py: HARMLESS lists what may change); name fields or sections here to accept them, e.g.
+    # --config.resume.allow_changes="('optim.lr',)". Accepted changes go to workdir/config_history.jsonl.
+    c.resume = ml_collections.ConfigDict()
+    c.resume.allow_changes = ()
     c.debug = ml_collections.ConfigDict()
     c.debug.inject_nan_at_step = -1  # testing aid: makes the loss of that step NaN
     c.debug.kill_at_step = -1  # testing aid: SIGKILLs the process after that step (an async save may be in flight)
+    c.debug.fail_save_at_step = -1  # testing aid: the checkpoint save of that step fails like a full disk (ENOSPC)
     return c
 
 

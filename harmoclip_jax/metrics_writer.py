@@ -2,12 +2,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 
 import ml_collections
 
 from harmoclip_jax import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Writes `text` to a temporary file next to `path`, then renames it over `path` (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class MetricsWriter:
@@ -20,15 +41,24 @@ class MetricsWriter:
 
     def write_config(self, config: ml_collections.ConfigDict) -> None:
         if self.enabled:
-            (self.path.parent / workdir_lib.CONFIG).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+            _write_atomic(self.path.parent / workdir_lib.CONFIG, config.to_json_best_effort(indent=2, sort_keys=True))
 
     def truncate_after(self, step: int) -> None:
-        """Keeps only records with `step <= step` (a resumed run rewrites the later ones)."""
+        """Keeps only records with `step <= step` (a resumed run rewrites the later ones). Unparsable lines (a
+        record torn by a crash mid-write) are dropped with a warning; the file is replaced atomically."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            record = _parse(line)
+            if record is None:
+                log.warning("%s line %d is not a JSON record (torn by a crash?); dropped: %.80r", self.path, number,
+                            line)
+            elif record.get("step", 0) <= step:
+                kept.append(line)
+        _write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -44,5 +74,10 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl file."""
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl file. A torn last line (a crash mid-write) is skipped with a warning; any
+    other bad line is an error."""
+    lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    if lines and _parse(lines[-1]) is None:
+        log.warning("%s: the last line is not a JSON record (torn by a crash?); skipped: %.80r", path, lines[-1])
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines]

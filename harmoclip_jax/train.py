@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from harmoclip_jax import checkpoint as ckpt_lib
-from harmoclip_jax import config_lib, distributed, evaluators, losses, optim, sharding
+from harmoclip_jax import config_lib, distributed, evaluators, losses, optim, resume, sharding
 from harmoclip_jax import workdir as workdir_lib
 from harmoclip_jax.data import registry as data_registry
 from harmoclip_jax.metrics_writer import MetricsWriter
@@ -449,8 +449,15 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop now
-            raise KeyboardInterrupt
+        if self.requested:  # second signal: stop now. Not KeyboardInterrupt: a finaliser (__del__) would swallow it,
+            # and cleanup waits for an in-flight save. Exiting is as safe as kill -9: the latest finished checkpoint
+            # stays, an unfinished one is a temporary directory that the next run ignores.
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            import multiprocessing
+
+            for child in multiprocessing.active_children():  # grain workers: not orphaned when only we got it
+                child.kill()
+            os._exit(128 + signum)
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting",
               file=sys.stderr, flush=True)
@@ -490,9 +497,16 @@ def run_evals(evals: dict, params) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
-    """Trains (resuming from `workdir` if it has a checkpoint), evaluates and exports; returns the final metrics."""
+    """Trains (resuming from `workdir` if it has a checkpoint), evaluates and exports; returns the final metrics.
+    Holds the workdir's lock throughout (process 0); a resume must keep the saved config (`resume.py`)."""
     workdir = pathlib.Path(workdir).absolute()
+    with resume.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, float]:
     config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
+    changes = resume.check_resume(workdir, config)  # before anything is written: a refusal changes nothing
     trainer = build_trainer(config)
     data_config = config_lib.data_config(config, jax.process_count())
     check_inputs(config)
@@ -500,6 +514,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.write_config(config)
+    if is_main:
+        steps = workdir_lib.checkpoint_steps(workdir)
+        resume.record(workdir, "resume" if changes is not None else "start", steps[-1] if steps else None, changes)
 
     from harmoclip_jax.data import lexeme_vocab, pipeline
 
@@ -511,12 +528,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         distributed.barrier(f"datasets_ready:{workdir}")
     train_iter = pipeline.make_train_iterator(data_config)
     checkpointer = ckpt_lib.TrainCheckpointer(workdir / workdir_lib.CHECKPOINTS, keep=config.checkpoint.keep,
-                                              async_save=config.checkpoint.async_save)
-    latest = checkpointer.latest_step()
+                                              async_save=config.checkpoint.async_save,
+                                              fail_save_at_step=config.debug.fail_save_at_step)
     with jax.set_mesh(trainer.mesh):
+        latest, state = checkpointer.restore_latest(trainer.abstract_state, train_iter)
+        writer.truncate_after(latest or 0)  # records after the checkpoint (or of a run that never saved) go
         if latest is not None:
-            state = checkpointer.restore(latest, trainer.abstract_state, train_iter)
-            writer.truncate_after(latest)
             print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
         else:
             params = None

@@ -6,6 +6,8 @@
     WORKDIR/metrics.jsonl        one JSON object per logged step; WORKDIR/curves.png its plot
     WORKDIR/lexeme_vocab.json    LRC's lexeme vocabulary (lrc_negatives="vocab")
     WORKDIR/text_cache/          frozen-text-tower embeddings
+    WORKDIR/config_history.jsonl one line per start/resume: accepted config changes (`resume.py`)
+    WORKDIR/.lock                held (fcntl.flock) by the process training in it (`resume.WorkdirLock`)
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 LEXEME_VOCAB = "lexeme_vocab.json"
 TEXT_CACHE = "text_cache"
+CONFIG_HISTORY = "config_history.jsonl"
+LOCK = ".lock"
 # The training state's item inside checkpoints/STEP/ (`checkpoint.TrainCheckpointer`).
 STATE_ITEM = "state"
 # The data position (`{"position": global example index}`, JSON, written by process 0). Checkpoints written before
@@ -51,12 +55,18 @@ def is_workdir(path: str | os.PathLike) -> bool:
                                              or checkpoint.is_params_checkpoint(path / PARAMS))
 
 
-def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
-    """The finished training-checkpoint steps (unfinished writes are temporary directories)."""
-    directory = pathlib.Path(workdir) / CHECKPOINTS
+def finished_steps(checkpoints: str | os.PathLike) -> list[int]:
+    """The finished steps in a checkpoints directory (an unfinished write is a temporary directory, a checkpoint
+    moved aside as unreadable is `STEP.corrupt-...`)."""
+    directory = pathlib.Path(checkpoints)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / STATE_ITEM).is_dir())
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """The finished training-checkpoint steps of a workdir."""
+    return finished_steps(pathlib.Path(workdir) / CHECKPOINTS)
 
 
 def region_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict | None:
