@@ -11,35 +11,16 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from harmoclip_jax import config_lib, resume
 from harmoclip_jax.metrics_writer import MetricsWriter, read_metrics
-from trainer_helpers import subprocess_env
+from trainer_helpers import losses_by_step, main_command, run_main, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = ["--config.total_steps=4", "--config.checkpoint.every=2", "--config.log_every=1"]
-
-
-def _cmd(workdir, *overrides, arg="smoke,noeval"):
-    return [sys.executable, "-m", "harmoclip_jax.main", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}",
-            "--config.progress_bar=False", "--config.plot=False", *overrides]
-
-
-def _main(workdir, *overrides, arg="smoke,noeval", check=True, timeout=240):
-    cmd = _cmd(workdir, *overrides, arg=arg)
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
-
-
-def _losses(workdir):
-    return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r}
 
 
 def _snapshot(workdir):
@@ -57,7 +38,7 @@ def _history(workdir):
 def base(tmp_path_factory):
     """A finished 4-step smoke run with checkpoints at steps 2 and 4."""
     workdir = tmp_path_factory.mktemp("base") / "run"
-    _main(workdir, *BASE)
+    run_main(workdir, *BASE)
     return workdir
 
 
@@ -93,7 +74,7 @@ def test_unlisted_fields_are_refused_and_listed_ones_are_harmless():
 def test_changed_config_is_refused_naming_each_field_and_changes_nothing(base, tmp_path):
     workdir = _copy(base, tmp_path)
     before = _snapshot(workdir)
-    proc = _main(workdir, *BASE, "--config.batch_size=8", "--config.optim.lr=0.01", "--config.data.seed=3",
+    proc = run_main(workdir, *BASE, "--config.batch_size=8", "--config.optim.lr=0.01", "--config.data.seed=3",
                  "--config.log_every=2", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     err = proc.stderr
@@ -110,11 +91,11 @@ def test_harmless_and_allowed_changes_resume_and_are_recorded_through_a_torn_met
     workdir = _copy(base, tmp_path)
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 1.')  # a crash mid-write
-    proc = _main(workdir, "--config.total_steps=6", "--config.checkpoint.every=2", "--config.log_every=1",
+    proc = run_main(workdir, "--config.total_steps=6", "--config.checkpoint.every=2", "--config.log_every=1",
                  "--config.optim.lr=0.002", "--config.resume.allow_changes=('optim.lr',)")
     assert "resumed" in proc.stdout and "at step 4" in proc.stdout
     assert "not a JSON record" in proc.stderr  # the torn line was dropped with a warning
-    assert sorted(_losses(workdir)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(losses_by_step(workdir)) == [1, 2, 3, 4, 5, 6]
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["total_steps"] == 6 and saved["optim"]["lr"] == 0.002
     last = _history(workdir)[-1]
@@ -128,7 +109,7 @@ def test_harmless_and_allowed_changes_resume_and_are_recorded_through_a_torn_met
 
 def test_second_run_on_a_live_workdir_is_refused_naming_the_holder_and_kill_9_frees_it(tmp_path):
     workdir = tmp_path / "run"
-    holder = subprocess.Popen(_cmd(workdir, "--config.total_steps=100000", "--config.checkpoint.every=100000",
+    holder = subprocess.Popen(main_command(workdir, "--config.total_steps=100000", "--config.checkpoint.every=100000",
                                    "--config.log_every=1"),
                               cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -136,15 +117,15 @@ def test_second_run_on_a_live_workdir_is_refused_naming_the_holder_and_kill_9_fr
         while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
             time.sleep(0.3)
         assert holder.poll() is None
-        second = _main(workdir, "--config.total_steps=2", check=False, timeout=120)
+        second = run_main(workdir, "--config.total_steps=2", check=False, timeout=120)
         assert second.returncode == 1
         assert f"pid={holder.pid}" in second.stderr and "host=" in second.stderr
         assert "in use by another run" in second.stderr and "Traceback" not in second.stderr
     finally:
         holder.kill()
         holder.wait()
-    third = _main(workdir, "--config.total_steps=2", "--config.checkpoint.every=100000")
-    assert sorted(_losses(workdir)) == [1, 2] and "Traceback" not in third.stderr
+    third = run_main(workdir, "--config.total_steps=2", "--config.checkpoint.every=100000")
+    assert sorted(losses_by_step(workdir)) == [1, 2] and "Traceback" not in third.stderr
 
 
 # -------------------------------------------------------------------------------------------------- faults
@@ -170,26 +151,26 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes(b
     assert data_files
     for path in data_files:  # a write torn by a crash / bad disk
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    proc = _main(workdir, *BASE)
+    proc = run_main(workdir, *BASE)
     assert "checkpoint step 4" in proc.stderr and "does not restore" in proc.stderr
     assert "resumed" in proc.stdout and "at step 2" in proc.stdout
     aside = [p.name for p in (workdir / "checkpoints").iterdir() if ".corrupt-" in p.name]
     assert len(aside) == 1 and aside[0].startswith("4.corrupt-")
     assert (workdir / "checkpoints/4/state").is_dir()  # written again
-    assert _losses(workdir) == _losses(base)  # the redone steps 3, 4 give the same numbers
+    assert losses_by_step(workdir) == losses_by_step(base)  # the redone steps 3, 4 give the same numbers
 
 
 def test_disk_full_during_a_save_is_one_error_line_and_the_last_good_checkpoint_restores(base, tmp_path):
     workdir = tmp_path / "run"
-    proc = _main(workdir, *BASE, "--config.debug.fail_save_at_step=4", check=False)
+    proc = run_main(workdir, *BASE, "--config.debug.fail_save_at_step=4", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "No space left on device" in error_lines[0] and "last good checkpoint is step 2" in error_lines[0]
     steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert steps == ["2"], steps
-    _main(workdir, *BASE)  # rerun: resumes from 2 and finishes exactly like the uninterrupted run
-    assert _losses(workdir) == _losses(base)
+    run_main(workdir, *BASE)  # rerun: resumes from 2 and finishes exactly like the uninterrupted run
+    assert losses_by_step(workdir) == losses_by_step(base)
 
 
 @pytest.mark.parametrize("to_group", [True, False], ids=["terminal", "trainer_only"])
@@ -203,12 +184,12 @@ def test_double_ctrl_c_with_grain_workers_exits_at_once_and_the_workdir_resumes(
     overrides = ["--config.data.num_workers=2", "--config.checkpoint.every=2", "--config.log_every=1"]
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(_cmd(workdir, "--config.total_steps=100000", *overrides, arg="smoke"), cwd=ROOT,
+        proc = subprocess.Popen(main_command(workdir, "--config.total_steps=100000", *overrides, arg="smoke"), cwd=ROOT,
                                 env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr,
                                 start_new_session=True)  # its own process group, like a terminal's foreground job
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(_losses(workdir)) >= 3):
+        while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(losses_by_step(workdir)) >= 3):
             time.sleep(0.05)
         assert proc.poll() is None
         send(proc.pid)
@@ -230,9 +211,9 @@ def test_double_ctrl_c_with_grain_workers_exits_at_once_and_the_workdir_resumes(
     assert not [line for line in alive.splitlines() if "Z" not in line.split()[1]], alive  # no worker outlives it
     # Nothing is corrupt: the rerun resumes from the last finished checkpoint (the step-2 save may still have been
     # in flight: then it starts over) and finishes.
-    again = _main(workdir, "--config.total_steps=5", *overrides)
+    again = run_main(workdir, "--config.total_steps=5", *overrides)
     assert "Traceback" not in again.stderr
-    assert sorted(_losses(workdir)) == [1, 2, 3, 4, 5]
+    assert sorted(losses_by_step(workdir)) == [1, 2, 3, 4, 5]
 
 
 # ------------------------------------------------------------------------------------- kill -9 at random
@@ -257,18 +238,18 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(name, t
     overrides = ["--config.total_steps=10", "--config.checkpoint.every=1", "--config.checkpoint.keep=2",
                  "--config.log_every=1", *extra]
     reference = tmp_path / "reference"
-    _main(reference, *overrides, arg=arg)
+    run_main(reference, *overrides, arg=arg)
     workdir = tmp_path / "killed"
     killed_mid_run = 0
     for seed in KILL_SEEDS:
         delay = random.Random(f"{name}:{seed}").uniform(0.0, 1.5)
-        proc = subprocess.Popen(_cmd(workdir, *overrides, arg=arg), cwd=ROOT, env=subprocess_env(),
+        proc = subprocess.Popen(main_command(workdir, *overrides, arg=arg), cwd=ROOT, env=subprocess_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.time() + 180
-            start = len(_losses(workdir)) if (workdir / "metrics.jsonl").exists() else 0
+            start = len(losses_by_step(workdir)) if (workdir / "metrics.jsonl").exists() else 0
             while time.time() < deadline and proc.poll() is None:
-                if (workdir / "metrics.jsonl").exists() and max(_losses(workdir), default=0) > start:
+                if (workdir / "metrics.jsonl").exists() and max(losses_by_step(workdir), default=0) > start:
                     break
                 time.sleep(0.05)
             time.sleep(delay)
@@ -282,8 +263,8 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(name, t
             if proc.poll() is None:
                 proc.kill()
     assert killed_mid_run >= 1  # at least one kill landed while it was training
-    _main(workdir, *overrides, arg=arg)
-    expected, got = _losses(reference), _losses(workdir)
+    run_main(workdir, *overrides, arg=arg)
+    expected, got = losses_by_step(reference), losses_by_step(workdir)
     assert sorted(got) == list(range(1, 11))
     for step in range(1, 11):
         assert got[step] == expected[step], (name, step, got[step], expected[step])

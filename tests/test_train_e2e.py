@@ -10,32 +10,14 @@ import time
 import numpy as np
 
 from harmoclip_jax.metrics_writer import read_metrics
-from trainer_helpers import subprocess_env
+from trainer_helpers import losses_by_step, run_main, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _env():
-    return subprocess_env()
-
-
-def _main(workdir, *overrides, arg="smoke,noeval", check=True, timeout=240):
-    cmd = [sys.executable, "-m", "harmoclip_jax.main", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}",
-           "--config.progress_bar=False", "--config.plot=False", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
-
-
-def _losses(workdir):
-    return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r}
-
-
 def test_smoke_run_writes_everything_and_evaluates(tmp_path):
     workdir = tmp_path / "run"
-    proc = _main(workdir, "--config.plot=True", arg="smoke")
+    proc = run_main(workdir, "--config.plot=True", arg="smoke")
     assert "harmoclip_jax | method=harmoclip" in proc.stdout  # the one-line summary
     assert "final evaluation" in proc.stdout
     for name in ("metrics.jsonl", "config.json", "curves.png", "params/model.json"):
@@ -54,21 +36,21 @@ def test_smoke_run_writes_everything_and_evaluates(tmp_path):
     model = load_params(workdir / "params")
     assert model.encode_image(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 32)
     # Rerunning a finished run resumes at the last step and only re-evaluates.
-    again = _main(workdir, arg="smoke")
+    again = run_main(workdir, arg="smoke")
     assert "resumed" in again.stdout and "at step 4" in again.stdout
 
 
 def test_kill_9_then_rerun_resumes_with_identical_losses(tmp_path):
     steps = ["--config.total_steps=8", "--config.checkpoint.every=2", "--config.log_every=1"]
     reference = tmp_path / "reference"
-    _main(reference, *steps)
+    run_main(reference, *steps)
     killed = tmp_path / "killed"
-    proc = _main(killed, *steps, "--config.debug.kill_at_step=5", check=False)
+    proc = run_main(killed, *steps, "--config.debug.kill_at_step=5", check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert max(_losses(killed)) == 5
-    resumed = _main(killed, *steps)
+    assert max(losses_by_step(killed)) == 5
+    resumed = run_main(killed, *steps)
     assert "resumed" in resumed.stdout
-    expected, got = _losses(reference), _losses(killed)
+    expected, got = losses_by_step(reference), losses_by_step(killed)
     assert sorted(got) == list(range(1, 9))
     # Same batches, same rng, same state: the same numbers (bitwise on one device).
     for step in range(1, 9):
@@ -77,7 +59,7 @@ def test_kill_9_then_rerun_resumes_with_identical_losses(tmp_path):
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     workdir = tmp_path / "nan"
-    proc = _main(workdir, "--config.total_steps=8", "--config.checkpoint.every=2",
+    proc = run_main(workdir, "--config.total_steps=8", "--config.checkpoint.every=2",
                  "--config.debug.inject_nan_at_step=5", "--config.checkpoint.async_save=True", check=False)
     assert proc.returncode != 0
     assert "non-finite loss at step 5" in proc.stderr and "last good checkpoint is step 4" in proc.stderr
@@ -101,11 +83,11 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     cmd = [sys.executable, "-m", "harmoclip_jax.main", "--config=configs/demo.py:smoke,noeval",
            f"--workdir={workdir}", "--config.progress_bar=False", "--config.plot=False",
            "--config.total_steps=100000", "--config.checkpoint.every=100000", "--config.log_every=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
-            if (workdir / "metrics.jsonl").exists() and len(_losses(workdir)) >= 3:
+            if (workdir / "metrics.jsonl").exists() and len(losses_by_step(workdir)) >= 3:
                 break
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
@@ -118,4 +100,4 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     from harmoclip_jax.checkpoint import TrainCheckpointer
 
     latest = TrainCheckpointer(workdir / "checkpoints").latest_step()
-    assert latest is not None and latest >= 3 and latest == max(_losses(workdir))
+    assert latest is not None and latest >= 3 and latest == max(losses_by_step(workdir))

@@ -70,3 +70,29 @@ def subprocess_env(devices: int | None = None) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     return env
+
+
+def main_command(workdir, *overrides, arg="smoke,noeval") -> list[str]:
+    """`python -m harmoclip_jax.main` on the demo config (smoke by default), quiet, with `overrides`."""
+    import sys
+
+    return [sys.executable, "-m", "harmoclip_jax.main", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}",
+            "--config.progress_bar=False", "--config.plot=False", *overrides]
+
+
+def run_main(workdir, *overrides, arg="smoke,noeval", check=True, timeout=240):
+    """Runs `main_command` in a subprocess (one CPU device); with `check`, a failure shows its output's tail."""
+    import subprocess
+
+    cmd = main_command(workdir, *overrides, arg=arg)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses_by_step(workdir) -> dict[int, float]:
+    from harmoclip_jax.metrics_writer import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r}
