@@ -219,14 +219,14 @@ def test_double_ctrl_c_with_grain_workers_exits_at_once_and_the_workdir_resumes(
 # ------------------------------------------------------------------------------------- kill -9 at random
 
 
-# Each run is compile-bound (~20-60 s on a shared 2-core CPU), so by default one random kill per config, and the
-# text cache and the lexeme vocabulary share a config; HARMOCLIP_KILL_SEEDS=0,1,2 kills that many times per run.
+# Each run is compile-bound (~20-60 s on a shared 2-core CPU), so by default two random kills per config, and the
+# text cache and the lexeme vocabulary share a config; HARMOCLIP_KILL_SEEDS=0,1,2,3 kills that many times per run.
 KILL_CONFIGS = {
     "text_cache+lexeme_vocab": ("smoke,noeval", ["--config.optim.freeze_text_tower=True",
                                                  "--config.loss.lrc_negatives=vocab"]),
     "teacher": ("smoke,noeval,method=clipself", []),
 }
-KILL_SEEDS = [int(s) for s in os.environ.get("HARMOCLIP_KILL_SEEDS", "0").split(",")]
+KILL_SEEDS = [int(s) for s in os.environ.get("HARMOCLIP_KILL_SEEDS", "0,1").split(",")]
 
 
 @pytest.mark.parametrize("name", sorted(KILL_CONFIGS))
