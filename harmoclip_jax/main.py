@@ -4,7 +4,8 @@
     python -m harmoclip_jax.main --config=configs/vitb16.py:method=fineclip,res=336 --config.optim.lr=2e-5
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. Under a multi-process launcher set
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM/Cloud TPU, which JAX detects): `distributed.initialize_from_environment`.
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM/Cloud TPU, which JAX detects):
+`distributed.initialize_from_environment`.
 Expected errors (bad flags or config, missing files) print one `error: ...` line; --verbose adds the traceback.
 """
 from __future__ import annotations
