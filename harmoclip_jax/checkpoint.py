@@ -159,7 +159,8 @@ class TrainCheckpointer:
         self.fail_save_at_step = fail_save_at_step  # testing aid: that save fails like a full disk
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, DATA_POSITION_ITEM, DATA_ITEM), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, DATA_POSITION_ITEM, DATA_ITEM),
+                                             options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

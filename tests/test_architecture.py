@@ -25,7 +25,8 @@ def test_only_main_imports_the_trainer():
 def test_the_scan_sees_every_import_form(tmp_path):
     """The checker above has power: each way of importing the trainer is found."""
     for source in ("import harmoclip_jax.train", "from harmoclip_jax import train",
-                   "from harmoclip_jax.train import train_and_evaluate", "def f():\n    from harmoclip_jax import train"):
+                   "from harmoclip_jax.train import train_and_evaluate",
+                   "def f():\n    from harmoclip_jax import train"):
         path = tmp_path / "m.py"
         path.write_text(source + "\n")
         assert "harmoclip_jax.train" in _imported_modules(path), source

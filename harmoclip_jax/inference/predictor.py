@@ -10,8 +10,8 @@ Inputs are file paths, encoded bytes, PIL images or uint8 numpy arrays of any si
 image. Preprocessing is the training pipeline's own (`pipeline.decode_image`: squash to the model's S x S, bicubic,
 the model's normalisation; files take the same JPEG decode path as training records), boxes are rescaled with the
 shared box helpers, region embeddings are training's (`ops.regions.region_embeddings`: RoIAlign over
-`encode_dense`) and class embeddings the box-classification evaluator's prompt ensemble. EXIF orientation is not applied (training
-does not apply it either), so boxes refer to the stored pixel grid.
+`encode_dense`) and class embeddings the box-classification evaluator's prompt ensemble. EXIF orientation is not
+applied (training does not apply it either), so boxes refer to the stored pixel grid.
 
 Every model call is jitted on fixed shapes: images go in batches of `batch_size` (the last one padded), boxes per
 image are padded up to a multiple of `box_bucket`, texts go in batches of `text_batch_size`. Repeated calls
