@@ -312,6 +312,16 @@ class AttachIndex:
         return index % self.num_records, record
 
 
+def check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, check_after: int, latest: str = "") -> None:
+    """Raises `BadRecordsError` once more than `max_bad_fraction` of the `seen` training records (counted after
+    `check_after` records) were bad; `latest` names the last bad record in the message."""
+    if seen >= check_after and bad > max_bad_fraction * seen:
+        raise BadRecordsError(
+            f"{bad} of the {seen} training records read so far were bad (more than max_bad_fraction="
+            f"{max_bad_fraction}){f'; the latest: {latest}' if latest else ''}. Fix or rebuild the dataset, or raise "
+            "config.data.max_bad_fraction.")
+
+
 class _SkipBadRecordsIterator(grain.DatasetIterator):
     """Drops skip markers, counts and logs bad records, and stops the stream when there are too many."""
 
@@ -333,12 +343,8 @@ class _SkipBadRecordsIterator(grain.DatasetIterator):
                 bad_here += 1
                 action = "skipped" if example.get("_skip") else "repaired"
                 log.warning("bad training %s, %s: %s", where, action, "; ".join(problems))
-                if self._seen >= self._check_after and self._bad > self._max_bad_fraction * self._seen:
-                    raise BadRecordsError(
-                        f"{self._bad} of the {self._seen} training records read so far were bad (more than "
-                        f"max_bad_fraction={self._max_bad_fraction}); the latest: {where}: {'; '.join(problems)}. "
-                        "Fix or rebuild the dataset, or raise config.data.max_bad_fraction."
-                    )
+                check_bad_fraction(self._bad, self._seen, self._max_bad_fraction, self._check_after,
+                                   latest=f"{where}: {'; '.join(problems)}")
             if example.get("_skip"):
                 bad_here_skipped += 1
                 continue
@@ -580,12 +586,7 @@ class TrainIterator:
         read = batch.pop("_records_read")
         self._seen += int(read.sum())
         self._bad += int(batch["num_bad_records"].sum())
-        if self._seen >= self._config.bad_check_after and \
-                self._bad > self._config.max_bad_fraction * self._seen:
-            raise BadRecordsError(
-                f"{self._bad} of the {self._seen} training records read so far were bad (more than "
-                f"max_bad_fraction={self._config.max_bad_fraction}). Fix or rebuild the dataset, or raise "
-                "config.data.max_bad_fraction.")
+        check_bad_fraction(self._bad, self._seen, self._config.max_bad_fraction, self._config.bad_check_after)
         return batch
 
     def get_state(self) -> dict:
