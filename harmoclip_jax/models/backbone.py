@@ -93,10 +93,6 @@ class Backbone:
                                text_context_length=model_config.context_length, dtype=model_config.dtype,
                                remat=model_config.remat, attention_impl=model_config.attention_impl)
 
-    def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        """[0, 1] float RGB pixels -> model input."""
-        return (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-
 
 def lazy(module: str, name: str) -> Callable:
     """`module.name`, imported on first call (converters need readers a model module should not import)."""

@@ -28,10 +28,6 @@ def get(family: str) -> Backbone:
     return _BACKBONES[family]
 
 
-def families() -> list[str]:
-    return sorted(_BACKBONES)
-
-
 def of_model(model) -> Backbone:
     """The family record of a model instance."""
     for backbone in _BACKBONES.values():
