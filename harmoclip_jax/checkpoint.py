@@ -170,6 +170,10 @@ class TrainCheckpointer:
         return workdir_lib.finished_steps(self.directory)
 
     def _save_failed(self, step: int, error: OSError) -> CheckpointSaveError:
+        try:  # an earlier step may still be committing in the background: let it land before naming the last good
+            self.manager.wait_until_finished()
+        except OSError:
+            pass
         good = [s for s in self.finished_steps() if s != step]
         return CheckpointSaveError(
             f"saving the checkpoint of step {step} in {self.directory} failed: {error}. The last good checkpoint "
