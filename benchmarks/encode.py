@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 from flax import nnx  # noqa: E402
 
 
@@ -90,6 +91,7 @@ def main() -> None:
     ours = args.batch / ours_seconds
     ref = args.batch / ref_seconds if ref_seconds else None
     print(json.dumps({
+        "cpu": cpu_description(),
         "bench": "encode_image",
         "case": {"variant": args.variant, "batch": args.batch, "dtype": args.dtype,
                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()},

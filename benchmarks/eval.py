@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -227,6 +228,7 @@ def main() -> None:
         diff = max(abs(ours_metrics[k] - v) for k, v in ref_metrics.items())
         n = len(source)
         print(json.dumps({
+            "cpu": cpu_description(),
             "bench": "eval", "case": {"evaluator": case, "variant": args.variant, "image_size": args.image_size,
                                       "dataset": f"{args.dataset}:{args.split}", "images": n,
                                       "device": jax.devices()[0].device_kind},

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
 
 def _reference_batches(source, *, image_size: int, batch_size: int, max_regions: int, num_batches: int):
@@ -109,6 +110,7 @@ def main() -> None:
                 "max_regions": config.max_regions, "num_workers": workers, "read_threads": config.read_threads,
                 "batches": args.batches, "repeats": args.repeats, "batches_per_s": round(ours, 3)}
         print(json.dumps({
+            "cpu": cpu_description(),
             "bench": "pipeline",
             "case": case,
             "unit": "images/s",

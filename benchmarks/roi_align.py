@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from harmoclip_jax import losses  # noqa: E402
 from harmoclip_jax.ops.roi_align import default_max_samples_per_bin, roi_align  # noqa: E402
+from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
 
 def gather_roi_align(features, boxes, output_size, spatial_scale, max_samples):
@@ -111,6 +112,7 @@ def pool_cases(iters, batch, num_boxes, grid, channels):
             t_ours, t_ref = timeit(f_ours, feats, bxs, iters=iters), timeit(f_ref, feats, bxs, iters=iters)
             n = batch * num_boxes
             print(json.dumps({
+                "cpu": cpu_description(),
                 "bench": "roi_align",
                 "case": {"B": batch, "grid": f"{grid}x{grid}x{channels}", "T": num_boxes, "output": f"{out}x{out}",
                          "sampling_ratio": -1, "aligned": True, "mode": mode, "max_abs_diff": diff,
@@ -145,6 +147,7 @@ def region_loss_case(iters, batch=8, num_boxes=20, grid=14, channels=512):
 
         timings[name] = timeit(jax.jit(jax.value_and_grad(step, argnums=(0, 1))), feats, jnp.float32(math.log(1 / 0.07)), iters=iters)
     print(json.dumps({
+        "cpu": cpu_description(),
         "bench": "roi_align",
         "case": {"B": batch, "grid": f"{grid}x{grid}x{channels}", "T": num_boxes, "output": "1x1",
                  "what": "roi_align + LRC + GR-a, forward+backward", "ours_ms": 1e3 * timings["ours"],

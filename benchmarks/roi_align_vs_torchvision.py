@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from harmoclip_jax.ops.roi_align import roi_align  # noqa: E402
+from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
 SCALE = 1 / 16
 
@@ -98,6 +99,7 @@ def cuda_timings(rng) -> None:
         reference = [seconds_per_call(torch_forward), seconds_per_call(torch_backward)]
         for mode, ours_s, ref_s in zip(["forward", "forward+backward"], ours, reference):
             print(json.dumps({
+                "cpu": cpu_description(),
                 "bench": "roi_align",
                 "case": {"B": b, "grid": "14x14x768", "T": t, "output": f"{o}x{o}", "mode": mode,
                          "backend": torch.cuda.get_device_name()},

@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from harmoclip_jax import tokenizer as tok  # noqa: E402
 from harmoclip_jax.testing.reference import open_clip_file_module  # noqa: E402
+from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
 OPEN_CLIP_DIR = importlib.util.find_spec("open_clip").submodule_search_locations[0]
 
@@ -93,6 +94,7 @@ def main():
             if not np.array_equal(ids, reference_ids):
                 raise SystemExit(f"{backend}: ids differ from open_clip; benchmark is void")
             print(json.dumps({
+                "cpu": cpu_description(),
                 "bench": "tokenizer",
                 "case": {"backend": backend, "captions": len(captions), "context_length": 77},
                 "unit": "captions/s",

@@ -39,6 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from harmoclip_jax import cli  # noqa: E402
+from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ the study
 
@@ -341,7 +342,8 @@ def write_report(rows: dict, study: Study, report_dir: pathlib.Path, command: st
     for name, row in rows.items():  # one JSON line per run, the benchmark format (reference: GC-only CLIP)
         for metric in ("box_top1", "r1_mean"):
             ref = base["mean"][metric] if base else None
-            print(json.dumps({"bench": "tradeoff", "case": {"run": name, "metric": metric, "seeds": row["seeds"]},
+            print(json.dumps({"bench": "tradeoff", "cpu": cpu_description(),
+                              "case": {"run": name, "metric": metric, "seeds": row["seeds"]},
                               "unit": metric, "ours": round(row["mean"][metric], 4),
                               "ours_std": round(row["std"][metric], 4),
                               "reference": None if ref is None else round(ref, 4),

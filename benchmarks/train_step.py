@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
 
 def _batch(rng, b, t, size, embed):
@@ -252,6 +253,7 @@ def main():
             "method": "harmoclip (GC+LRC+GR-a), text tower frozen + cached", "dtype": args.dtype,
             "device": _device_kind(), "threads": args.threads}
     print(json.dumps({
+        "cpu": cpu_description(),
         "bench": "train_step", "case": case, "unit": "images/s", "ours": ours_rate, "reference": ref_rate,
         "reference_name": "transformers CLIPModel + torch losses/AdamW (PyTorch CPU)" if ref_rate else None,
         "speedup": ours_rate / ref_rate if ref_rate else None,

@@ -7,6 +7,8 @@ import sys
 import torch  # noqa: F401 - dev requirement (requirements-dev.txt): a broken install fails, never skips
 from trainer_helpers import subprocess_env
 
+from harmoclip_jax.testing.machine import cpu_description
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,8 @@ def test_eval_benchmark_sides_compute_the_same_metrics():
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert [x["case"]["evaluator"] for x in lines] == ["retrieval", "box_classification"]
     for line in lines:
+        assert {"bench", "case", "unit", "ours", "reference", "reference_name", "speedup", "cpu"} <= set(line), line
+        assert line["cpu"] == cpu_description()  # the CPU model and its vector extensions, with every figure
         assert line["max_metric_diff"] == 0.0, line
         assert line["ours"] > 0 and line["reference"] > 0 and line["case"]["images"] == 72
     assert set(lines[0]["metrics"]) == {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
