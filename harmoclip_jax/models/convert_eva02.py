@@ -102,8 +102,8 @@ def detect_layout(state_dict: Mapping[str, np.ndarray], source: str = "checkpoin
         return "eva_clip"
     sample = ", ".join(sorted(state_dict)[:5])
     raise CheckpointMismatchError(f"{source} is not an EVA02-CLIP state dict: it has neither open_clip's "
-                                  f"visual.trunk.pos_embed nor EVA-CLIP's visual.pos_embed + visual.blocks.0.attn.q_bias "
-                                  f"(first keys: {sample})")
+                                  "visual.trunk.pos_embed nor EVA-CLIP's visual.pos_embed + "
+                                  f"visual.blocks.0.attn.q_bias (first keys: {sample})")
 
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EVA02Config, layout: str | None = None,
@@ -130,8 +130,9 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EVA02Conf
             wrong_shape.append(f"{'/'.join(map(str, rule.ours))}: expected {expected[rule.ours]}, checkpoint has {got}")
             continue
         params[rule.ours] = value
-    ignored = lambda k: k.endswith(_IGNORED_SOURCE_KEYS) or (layout == "eva_clip" and k.startswith("visual.rope."))  # noqa: E731
-    unexpected = sorted(k for k in state_dict if k not in used and not ignored(k))
+    rope_buffers = "visual.rope." if layout == "eva_clip" else "visual.trunk.rope."  # recomputed from the grid
+    unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SOURCE_KEYS)
+                        and not k.startswith(rope_buffers))
     if missing or unexpected or wrong_shape:
         lines = [f"{source} does not fit a {layout}-layout EVA02-CLIP of this architecture "
                  f"(vision {config.vision}, text {config.text}, embed_dim {config.embed_dim}):"]

@@ -38,6 +38,22 @@ def of_model(model) -> Backbone:
                      f"({', '.join(sorted(_BACKBONES))}); register it with harmoclip_jax.models.registry.register")
 
 
+def for_variant(variant: str) -> Backbone:
+    """The one family whose variant table names `variant` (e.g. "ViT-B/16" -> clip, "EVA02-B-16" -> eva02_clip)."""
+    matches = []
+    for backbone in _BACKBONES.values():
+        try:
+            backbone.get_config(variant)
+        except (ValueError, KeyError, TypeError):
+            continue
+        matches.append(backbone.family)
+    if len(matches) != 1:
+        raise ValueError(f"variant {variant!r} is " + (f"a variant of several families {matches}; give the family"
+                                                       if matches else "not a variant of any registered family "
+                                                       f"({', '.join(sorted(_BACKBONES))})"))
+    return _BACKBONES[matches[0]]
+
+
 def for_hf_dir(path: str | os.PathLike) -> Backbone:
     """The family of a Hugging Face model directory, from the `model_type` in its config.json."""
     config_file = pathlib.Path(path) / "config.json"
