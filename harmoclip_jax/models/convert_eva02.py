@@ -117,10 +117,10 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EVA02Conf
     missing, wrong_shape, params, used = [], [], {}, set()
     for rule in rules:
         absent = [k for k in rule.theirs if k not in state_dict]
+        used.update(k for k in rule.theirs if k in state_dict)  # q/v of a fused kernel missing k are not "unexpected"
         if absent:
             missing.extend(absent)
             continue
-        used.update(rule.theirs)
         try:
             value = np.asarray(rule.to_ours(*(np.asarray(state_dict[k]) for k in rule.theirs)), np.float32)
         except ValueError:  # e.g. q/k/v projections of different shapes cannot be fused
@@ -134,7 +134,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EVA02Conf
     unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SOURCE_KEYS)
                         and not k.startswith(rope_buffers))
     if missing or unexpected or wrong_shape:
-        lines = [f"{source} does not fit a {layout}-layout EVA02-CLIP of this architecture "
+        lines = [f"{source} ({layout} layout) does not fit an EVA02-CLIP of this architecture "
                  f"(vision {config.vision}, text {config.text}, embed_dim {config.embed_dim}):"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("shape mismatches", wrong_shape)):

@@ -1,0 +1,283 @@
+"""EVA02-CLIP (`models/eva02.py`, `models/convert_eva02.py`): parity with the real open_clip / timm models through the
+conversion CLI (real EVA02-B/16 shapes, random weights), the original EVA-CLIP layout, another resolution, the dense
+value path, export back to open_clip, and a tiny EVA02 trained on Scenes through the backbone seam."""
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from harmoclip_jax import checkpoint, config_lib
+from harmoclip_jax.models import convert_eva02, eva02, glue, registry
+from harmoclip_jax.models.convert import CheckpointMismatchError
+from harmoclip_jax.testing import reference
+from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
+
+import torch  # noqa: E402 - dev requirement (requirements-dev.txt): a broken install fails, never skips
+
+ensure_torch_reference_stack()
+import open_clip  # noqa: E402
+import timm.models.eva as timm_eva  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OPEN_CLIP_B16_PARAMS = 149_691_137  # open_clip.create_model("EVA02-B-16"): sum of numel
+
+
+def _images(rng, n, size):
+    return rng.standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def _tokens(rng, n, ctx=77, vocab=49408):
+    """CLIP-like token rows: SOT, random ids, EOT, zero padding (varied lengths)."""
+    toks = np.zeros((n, ctx), np.int64)
+    for i in range(n):
+        length = int(rng.integers(1, ctx - 1))
+        toks[i, 0], toks[i, length + 1] = 49406, 49407
+        toks[i, 1:length + 1] = rng.integers(1, vocab - 2, length)
+    return toks
+
+
+def _nchw(images):
+    return torch.from_numpy(images.transpose(0, 3, 1, 2))
+
+
+def _convert_cli(*args) -> None:
+    """`python -m harmoclip_jax.convert ARGS`, in process (the B/16 conversion twice in subprocesses is slow)."""
+    from absl import flags
+
+    from harmoclip_jax import convert as convert_cli
+
+    flags.FLAGS(["convert", *args])
+    try:
+        convert_cli.main(["convert"])
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def _to_eva_clip_layout(open_clip_sd: dict) -> dict:
+    """The original EVA-CLIP release's names for an open_clip EVA02 state dict (plus its RoPE buffers)."""
+    renames = [("visual.trunk.", "visual."), ("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias"),
+               ("attn.norm.", "attn.inner_attn_ln."), ("mlp.fc1_g.", "mlp.w1."), ("mlp.fc1_x.", "mlp.w2."),
+               ("mlp.norm.", "mlp.ffn_ln."), ("mlp.fc2.", "mlp.w3.")]
+    out = {}
+    for key, value in open_clip_sd.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        out[key] = value
+    out["visual.rope.freqs_cos"] = out["visual.rope.freqs_sin"] = torch.zeros(196, 64)  # buffers: ignored
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ real B/16 shapes
+
+
+@pytest.fixture(scope="module")
+def b16(tmp_path_factory):
+    """open_clip's EVA02-B-16 with random weights, its features, and ours converted through the CLI."""
+    tmp = tmp_path_factory.mktemp("eva02_b16")
+    oc = open_clip.create_model("EVA02-B-16", pretrained=None)
+    reference.randomize_(oc, seed=5)
+    oc.eval()
+    rng = np.random.default_rng(0)
+    images, tokens = _images(rng, 2, 224), _tokens(rng, 3)
+    with torch.no_grad():
+        ref_img = oc.encode_image(_nchw(images)).numpy()
+        ref_txt = oc.encode_text(torch.from_numpy(tokens)).numpy()
+    sd = {k: v.contiguous() for k, v in oc.state_dict().items()}
+    save_file(sd, str(tmp / "eva02_b16.safetensors"))
+    _convert_cli("--open_clip", str(tmp / "eva02_b16.safetensors"), "--variant", "EVA02-B-16",
+                 "--out", str(tmp / "ckpt"))
+    model = checkpoint.load_params(tmp / "ckpt")
+    return dict(oc=oc, sd=sd, model=model, images=images, tokens=tokens, ref_img=ref_img, ref_txt=ref_txt, tmp=tmp)
+
+
+def test_b16_parity_with_open_clip_through_the_convert_cli(b16):
+    model = b16["model"]
+    assert type(model) is eva02.EVA02CLIP and model.config == eva02.get_config("EVA02-B/16")
+    assert glue.count_params(model) == OPEN_CLIP_B16_PARAMS == sum(p.numel() for p in b16["oc"].parameters())
+    img = np.asarray(model.encode_image(jnp.asarray(b16["images"])))
+    txt = np.asarray(model.encode_text(jnp.asarray(b16["tokens"])))
+    np.testing.assert_allclose(img, b16["ref_img"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(txt, b16["ref_txt"], atol=1e-4, rtol=0)
+    assert float(model.logit_scale[...]) == pytest.approx(float(b16["oc"].logit_scale.detach()), abs=1e-6)
+
+
+def test_b16_original_eva_clip_layout_matches_timm_checkpoint_filter(b16, tmp_path):
+    """A state dict in the EVA-CLIP release's layout: timm reads it through its own checkpoint_filter_fn, we detect
+    the layout from the keys; both give open_clip's image features."""
+    eva_sd = _to_eva_clip_layout(b16["sd"])
+    torch.save(eva_sd, tmp_path / "EVA02_CLIP_B_psz16.pt")
+    trunk = timm_eva.eva02_base_patch16_clip_224(num_classes=512).eval()
+    visual = {k: v for k, v in eva_sd.items() if k.startswith("visual.")}
+    trunk.load_state_dict(timm_eva.checkpoint_filter_fn(visual, trunk), strict=True)
+    with torch.no_grad():
+        timm_img = trunk(_nchw(b16["images"])).numpy()
+    np.testing.assert_allclose(timm_img, b16["ref_img"], atol=1e-5, rtol=0)
+    model = convert_eva02.load_open_clip(tmp_path / "EVA02_CLIP_B_psz16.pt", "EVA02-B/16")
+    np.testing.assert_allclose(np.asarray(model.encode_image(jnp.asarray(b16["images"]))), timm_img, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(model.encode_text(jnp.asarray(b16["tokens"]))), b16["ref_txt"], atol=1e-4,
+                               rtol=0)
+
+
+def _timm_value_path_dense(trunk, images):
+    """Dense features written on timm's modules: blocks 0..L-2 as timm runs them, then the last block with the
+    patch tokens' attention replaced by v -> sub-LN -> proj (no RoPE on v), its MLP, the final norm and the head."""
+    with torch.no_grad():
+        x = trunk.patch_embed(_nchw(images))
+        x, rope = trunk._pos_embed(x)
+        for block in trunk.blocks[:-1]:
+            x = block(x, rope=rope)
+        last = trunk.blocks[-1]
+        attn = last.attn
+        v = attn.v_proj(last.norm1(x[:, 1:]))
+        x = x[:, 1:] + attn.proj(attn.norm(v))
+        x = x + last.mlp(last.norm2(x))
+        out = trunk.head(trunk.norm(x))
+    g = int(round(out.shape[1] ** 0.5))
+    return out.numpy().reshape(len(images), g, g, -1)
+
+
+def test_b16_dense_value_path_matches_timm_reference(b16):
+    want = _timm_value_path_dense(b16["oc"].visual.trunk, b16["images"])
+    model = b16["model"]
+    glob, dense = model.encode_dense(jnp.asarray(b16["images"]), return_global=True)
+    assert dense.shape == (2, 14, 14, 512)
+    np.testing.assert_allclose(np.asarray(dense), want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(glob), b16["ref_img"], atol=1e-4, rtol=0)
+
+
+def test_b16_export_loads_in_open_clip_strict(b16):
+    path = convert_eva02.save_open_clip(b16["model"], b16["tmp"] / "export.safetensors")
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(path))
+    assert set(exported) == set(b16["sd"])
+    for key, value in exported.items():
+        np.testing.assert_array_equal(value, b16["sd"][key].numpy(), err_msg=key)  # bit for bit
+    oc = b16["oc"]
+    with torch.no_grad():
+        for p in oc.parameters():
+            p.zero_()
+    oc.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+    with torch.no_grad():
+        np.testing.assert_array_equal(oc.encode_image(_nchw(b16["images"])).numpy(), b16["ref_img"])
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+
+
+def _tiny_timm(image_size):
+    """timm's Eva with EVA02-test-tiny's image tower (the EVA02-CLIP block options of eva02_base_patch16_clip_224)."""
+    v = eva02.get_config("EVA02-test-tiny").vision
+    return timm_eva.Eva(img_size=image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.layers,
+                        num_heads=v.heads, qkv_fused=False, mlp_ratio=v.mlp_dim / v.width + 1e-6, swiglu_mlp=True,
+                        scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True,
+                        ref_feat_shape=(v.rope_ref_grid,) * 2, num_classes=32, global_pool="token").eval()
+
+
+def _tiny_open_clip_state_dict(seed):
+    from open_clip.transformer import TextTransformer
+
+    trunk = _tiny_timm(64)
+    t = eva02.get_config("EVA02-test-tiny").text
+    text = TextTransformer(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                           layers=t.layers, output_dim=32, act_layer=torch.nn.GELU)
+    reference.randomize_(trunk, seed=seed)
+    reference.randomize_(text, seed=seed + 1)
+    sd = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
+    sd.update({f"text.{k}": v for k, v in text.state_dict().items()})
+    sd["logit_scale"] = torch.tensor(2.5)
+    return trunk, sd
+
+
+def test_other_resolution_matches_timm_built_at_that_size(tmp_path, rng):
+    """--image_size 128 on a 64px checkpoint: the position embedding resized as timm's checkpoint_filter_fn does
+    (bicubic, antialias) and RoPE recomputed for the 8x8 grid (coordinates scaled to the 4x4 pretraining grid)."""
+    trunk64, sd = _tiny_open_clip_state_dict(seed=11)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "tiny.safetensors"))
+    _convert_cli("--open_clip", str(tmp_path / "tiny.safetensors"), "--variant", "EVA02-test-tiny",
+                 "--image_size", "128", "--out", str(tmp_path / "ckpt"))
+    model = checkpoint.load_params(tmp_path / "ckpt")
+    assert model.config.vision.image_size == 128 and model.config.vision.rope_ref_grid == 4
+    trunk128 = _tiny_timm(128)
+    trunk128.load_state_dict(timm_eva.checkpoint_filter_fn(trunk64.state_dict(), trunk128), strict=True)
+    images = _images(rng, 2, 128)
+    with torch.no_grad():
+        want = trunk128(_nchw(images)).numpy()
+    np.testing.assert_allclose(np.asarray(model.encode_image(jnp.asarray(images))), want, atol=1e-4, rtol=0)
+    dense = np.asarray(model.encode_dense(jnp.asarray(images)))
+    np.testing.assert_allclose(dense, _timm_value_path_dense(trunk128, images), atol=1e-4, rtol=0)
+
+
+def test_variants_aliases_overrides_and_bfloat16(rng):
+    assert eva02.get_config("EVA02-B-16") == eva02.get_config("EVA02-B/16")
+    assert eva02.get_config("EVA02-L-14-336") == eva02.get_config("EVA02-L/14@336")
+    assert registry.for_variant("EVA02-B-16") is eva02.BACKBONE and registry.for_variant("ViT-B/16").family == "clip"
+    c = eva02.get_config("EVA02-L-14-336", image_size=448, text_context_length=32, dtype="bfloat16", remat=True,
+                         attention_impl="xla")
+    assert (c.vision.image_size, c.vision.grid_size, c.text.context_length, c.remat) == (448, 32, 32, True)
+    encode = nnx.jit(lambda m, x: m.encode_image(x))  # one compile: cheaper than eager op-by-op dispatch
+    images = jnp.asarray(_images(rng, 2, 64))
+    out = encode(eva02.EVA02CLIP("EVA02-test-tiny", dtype="bfloat16", remat=True), images)
+    ref = encode(eva02.EVA02CLIP("EVA02-test-tiny"), images)
+    assert out.dtype == jnp.float32
+    assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown EVA02-CLIP variant 'EVA02-X'.*EVA02-B-16"):
+        eva02.get_config("EVA02-X")
+    with pytest.raises(ValueError, match="not a variant of any registered family"):
+        registry.for_variant("EVA02-X")
+    _, sd = _tiny_open_clip_state_dict(seed=3)
+    sd = {k: v.numpy() for k, v in sd.items()}
+    with pytest.raises(CheckpointMismatchError, match="shape mismatches.*visual/pos_embed"):
+        convert_eva02.state_dict_to_params(sd, eva02.get_config("EVA02-Ti/8@64"))
+    del sd["visual.trunk.blocks.1.attn.k_proj.weight"]
+    sd["visual.trunk.extra"] = np.zeros(3)
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): visual.trunk.blocks.1.attn.k_proj.weight"
+                                                      r"(.|\n)*unexpected keys \(1\): visual.trunk.extra"):
+        convert_eva02.state_dict_to_params(sd, eva02.get_config("EVA02-test-tiny"))
+    clip_sd = {"visual.conv1.weight": np.zeros((64, 3, 16, 16)), "logit_scale": np.zeros(())}
+    with pytest.raises(CheckpointMismatchError, match="not an EVA02-CLIP state dict"):
+        convert_eva02.state_dict_to_params(clip_sd, eva02.get_config("EVA02-test-tiny"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_eva02.load_open_clip(tmp_path / "missing.pt", "EVA02-B-16")
+
+
+# ------------------------------------------------------------------------------------------------ the seam
+
+
+def test_tiny_eva02_trains_resumes_and_predicts_on_scenes(tmp_path):
+    from harmoclip_jax import train
+    from harmoclip_jax import workdir as workdir_lib
+    from harmoclip_jax.inference import Predictor
+    from harmoclip_jax.metrics_writer import read_metrics
+
+    def config(total_steps):
+        c = config_lib.load_config(str(ROOT / "configs" / "demo.py") + ":smoke")
+        c.model.family = "eva02_clip"
+        c.model.variant = "EVA02-Ti/8@64"
+        c.total_steps = total_steps
+        c.progress_bar = False
+        c.plot = False
+        c.checkpoint.async_save = False
+        return c
+
+    workdir = tmp_path / "eva"
+    metrics = train.train_and_evaluate(config(2), workdir)
+    assert metrics["eval/boxcls/num_boxes"] > 0 and 0 <= metrics["eval/boxcls/top1"] <= 1
+    records = read_metrics(workdir / workdir_lib.METRICS)
+    assert {"loss/gc", "loss/lrc", "loss/gr"} <= set(records[-1])  # the HarmoCLIP losses
+    losses_2 = {r["step"]: r["loss"] for r in records if "loss" in r}
+    train.train_and_evaluate(config(3), workdir)  # resumes from step 2
+    losses_3 = {r["step"]: r["loss"] for r in read_metrics(workdir / workdir_lib.METRICS) if "loss" in r}
+    assert sorted(losses_3) == [1, 2, 3] and all(losses_3[s] == losses_2[s] for s in (1, 2))
+    predictor = Predictor.from_checkpoint(workdir)
+    assert type(predictor.model) is eva02.EVA02CLIP and predictor.backbone is eva02.BACKBONE
+    image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8)
+    result = predictor.classify_regions(image, [[0, 0, 30, 20], [10, 5, 56, 40]], ["red circle", "blue star"])
+    assert result.probs.shape == (2, 2)
+    np.testing.assert_allclose(result.probs.sum(-1), 1.0, rtol=1e-5)
