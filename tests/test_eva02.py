@@ -286,3 +286,22 @@ def test_tiny_eva02_trains_resumes_and_predicts_on_scenes(tmp_path):
     result = predictor.classify_regions(image, [[0, 0, 30, 20], [10, 5, 56, 40]], ["red circle", "blue star"])
     assert result.probs.shape == (2, 2)
     np.testing.assert_allclose(result.probs.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec,variant,open_clip_name,size", [
+    ("configs/eva02_b16.py", "EVA02-B/16", "EVA02-B-16", 224),
+    ("configs/eva02_b16.py:method=fineclip,res=448", "EVA02-B/16", "EVA02-B-16", 448),
+    ("configs/eva02_l14_336.py:dtype=bfloat16,remat", "EVA02-L/14@336", "EVA02-L-14-336", 336),
+])
+def test_configs_load_and_stop_with_the_conversion_command(spec, variant, open_clip_name, size, tmp_path):
+    from harmoclip_jax import train
+
+    c = config_lib.load_config(str(ROOT / spec))
+    config_lib.validate(c, num_devices=8)
+    assert (c.model.family, c.model.variant, c.model.image_size) == ("eva02_clip", variant, size)
+    model_config = registry.get(c.model.family).config_for(c.model)
+    assert model_config.vision.image_size == size and model_config.vision.rope_ref_grid == 16
+    c.init.params_dir = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=f"python -m harmoclip_jax.convert --open_clip .* --variant "
+                                                f"{open_clip_name} --out .* --image_size {size}"):
+        train.check_inputs(c)
