@@ -192,6 +192,10 @@ def test_other_resolution_matches_timm_built_at_that_size(tmp_path, rng):
     np.testing.assert_allclose(np.asarray(model.encode_image(jnp.asarray(images))), want, atol=1e-4, rtol=0)
     dense = np.asarray(model.encode_dense(jnp.asarray(images)))
     np.testing.assert_allclose(dense, _timm_value_path_dense(trunk128, images), atol=1e-4, rtol=0)
+    from harmoclip_jax.inference import Predictor
+
+    predictor = Predictor.from_open_clip(tmp_path / "tiny.safetensors", "EVA02-test-tiny", image_size=128)
+    assert predictor.backbone is eva02.BACKBONE and predictor.image_size == 128  # family from the variant name
 
 
 def test_original_eva_clip_layout_matches_timm_checkpoint_filter(tmp_path, rng):
