@@ -57,10 +57,7 @@ def main(argv) -> None:
     elif _OPEN_CLIP.value:
         if not _VARIANT.value:
             _usage_error("--open_clip needs --variant (e.g. ViT-B/16)")
-        try:
-            backbone = registry.get(_FAMILY.value) if _FAMILY.value else registry.for_variant(_VARIANT.value)
-        except ValueError as error:
-            _usage_error(str(error))
+        backbone = registry.get(_FAMILY.value) if _FAMILY.value else registry.for_variant(_VARIANT.value)
         if backbone.load_open_clip is None:
             _usage_error(f"the {backbone.family} family has no open_clip converter")
         model = backbone.load_open_clip(_OPEN_CLIP.value, _VARIANT.value, **overrides)

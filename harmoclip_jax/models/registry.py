@@ -40,18 +40,20 @@ def of_model(model) -> Backbone:
 
 def for_variant(variant: str) -> Backbone:
     """The one family whose variant table names `variant` (e.g. "ViT-B/16" -> clip, "EVA02-B-16" -> eva02_clip)."""
-    matches = []
+    matches, errors = [], []
     for backbone in _BACKBONES.values():
         try:
             backbone.get_config(variant)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as error:
+            errors.append(f"{backbone.family}: {error}")
             continue
-        matches.append(backbone.family)
-    if len(matches) != 1:
-        raise ValueError(f"variant {variant!r} is " + (f"a variant of several families {matches}; give the family"
-                                                       if matches else "not a variant of any registered family "
-                                                       f"({', '.join(sorted(_BACKBONES))})"))
-    return _BACKBONES[matches[0]]
+        matches.append(backbone)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"variant {variant!r} names a variant of several families "
+                         f"({', '.join(b.family for b in matches)}); give the family")
+    raise ValueError(f"variant {variant!r} is not a variant of any registered family; " + "; ".join(errors))
 
 
 def for_hf_dir(path: str | os.PathLike) -> Backbone:
