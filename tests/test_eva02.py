@@ -3,6 +3,7 @@ conversion CLI (real EVA02-B/16 shapes, random weights), the original EVA-CLIP l
 value path, export back to open_clip, and a tiny EVA02 trained on Scenes through the backbone seam."""
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -233,6 +234,22 @@ def test_variants_aliases_overrides_and_bfloat16(rng):
     ref = encode(eva02.EVA02CLIP("EVA02-test-tiny"), images)
     assert out.dtype == jnp.float32
     assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_remat_gives_same_gradients(rng):
+    images = jnp.asarray(_images(rng, 2, 64))
+
+    def grads(remat):
+        graphdef, params, rest = nnx.split(eva02.EVA02CLIP("EVA02-test-tiny", remat=remat), nnx.Param, ...)
+
+        def loss(p):
+            glob, dense = nnx.merge(graphdef, p, rest).encode_dense(images, return_global=True)
+            return jnp.sum(dense**2) + jnp.sum(glob**2)
+
+        return jax.jit(jax.grad(loss))(params)["visual"]
+
+    for x, y in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 def test_clear_errors(tmp_path):
