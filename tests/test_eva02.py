@@ -221,6 +221,16 @@ def test_original_eva_clip_layout_matches_timm_checkpoint_filter(tmp_path, rng):
                                   np.asarray(from_open_clip.encode_text(jnp.asarray(tokens))))
 
 
+@pytest.mark.parametrize("variant,builder", [("EVA02-B-16", "eva02_base_patch16_clip_224"),
+                                             ("EVA02-L-14-336", "eva02_large_patch14_clip_336")])
+def test_image_tower_param_count_equals_timm(variant, builder):
+    """open_clip's EVA02 image tower is timm's model with the head as projection (built on the meta device)."""
+    config = eva02.get_config(variant)
+    with torch.device("meta"):
+        trunk = getattr(timm_eva, builder)(num_classes=config.embed_dim)
+    assert glue.count_params(eva02.abstract_model(variant).visual) == sum(p.numel() for p in trunk.parameters())
+
+
 def test_variants_aliases_overrides_and_bfloat16(rng):
     assert eva02.get_config("EVA02-B-16") == eva02.get_config("EVA02-B/16")
     assert eva02.get_config("EVA02-L-14-336") == eva02.get_config("EVA02-L/14@336")
