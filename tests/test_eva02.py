@@ -94,6 +94,7 @@ def b16(tmp_path_factory):
     return dict(oc=oc, sd=sd, model=model, images=images, tokens=tokens, ref_img=ref_img, ref_txt=ref_txt, tmp=tmp)
 
 
+@pytest.mark.slow
 def test_b16_parity_with_open_clip_through_the_convert_cli(b16):
     model = b16["model"]
     assert type(model) is eva02.EVA02CLIP and model.config == eva02.get_config("EVA02-B/16")
@@ -123,6 +124,7 @@ def _timm_value_path_dense(trunk, images):
     return out.numpy().reshape(len(images), g, g, -1)
 
 
+@pytest.mark.slow
 def test_b16_dense_value_path_matches_timm_reference(b16):
     want = _timm_value_path_dense(b16["oc"].visual.trunk, b16["images"])
     model = b16["model"]
@@ -132,6 +134,7 @@ def test_b16_dense_value_path_matches_timm_reference(b16):
     np.testing.assert_allclose(np.asarray(glob), b16["ref_img"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_b16_export_loads_in_open_clip_strict(b16):
     path = convert_eva02.save_open_clip(b16["model"], b16["tmp"] / "export.safetensors")
     from safetensors.numpy import load_file
@@ -286,6 +289,7 @@ def test_clear_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------ the seam
 
 
+@pytest.mark.slow
 def test_tiny_eva02_trains_resumes_and_predicts_on_scenes(tmp_path):
     from harmoclip_jax import train
     from harmoclip_jax import workdir as workdir_lib
