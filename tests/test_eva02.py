@@ -67,7 +67,9 @@ def _to_eva_clip_layout(open_clip_sd: dict) -> dict:
         for old, new in renames:
             key = key.replace(old, new)
         out[key] = value
-    out["visual.rope.freqs_cos"] = out["visual.rope.freqs_sin"] = torch.zeros(16, 16)  # buffers: ignored
+    blocks = {k.split(".")[2] for k in out if k.startswith("visual.blocks.")}
+    for prefix in ["visual.rope", *(f"visual.blocks.{i}.attn.rope" for i in blocks)]:  # buffers, recomputed
+        out[f"{prefix}.freqs_cos"] = out[f"{prefix}.freqs_sin"] = torch.zeros(16, 16)
     return out
 
 

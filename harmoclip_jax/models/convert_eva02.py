@@ -4,7 +4,8 @@ Two source layouts, told apart by their keys:
   * "open_clip": open_clip's `EVA02-*` models, the image tower being a timm `Eva` under `visual.trunk.` (separate
     q/k/v projections with q and v biases in q_proj/v_proj, `attn.norm`, `mlp.fc1_g/fc1_x/norm/fc2`);
   * "eva_clip": the original EVA-CLIP release (`visual.blocks.N.attn.q_bias`, `inner_attn_ln`, `mlp.w1/w2/w3`,
-    `ffn_ln`, `visual.head`; its `visual.rope.*` buffers are recomputed, so ignored).
+    `ffn_ln`, `visual.head`; its RoPE buffers, `visual.rope.*` and `visual.blocks.N.attn.rope.*`, are recomputed, so
+    ignored).
 Both carry the same OpenAI-layout text tower under `text.`. Every parameter is mapped by one explicit table used in
 both directions, every shape is asserted, and a mismatch raises `CheckpointMismatchError` listing the missing,
 unexpected and mis-shaped keys. Another image size resizes the position embedding as timm does (bicubic,
@@ -130,9 +131,10 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EVA02Conf
             wrong_shape.append(f"{'/'.join(map(str, rule.ours))}: expected {expected[rule.ours]}, checkpoint has {got}")
             continue
         params[rule.ours] = value
-    rope_buffers = "visual.rope." if layout == "eva_clip" else "visual.trunk.rope."  # recomputed from the grid
+    # RoPE tables (EVA-CLIP stores them at visual.rope and, shared, in every block's attn.rope): recomputed.
+    rope_buffer = lambda k: k.startswith("visual.") and "rope" in k.split(".")  # noqa: E731
     unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SOURCE_KEYS)
-                        and not k.startswith(rope_buffers))
+                        and not rope_buffer(k))
     if missing or unexpected or wrong_shape:
         lines = [f"{source} ({layout} layout) does not fit an EVA02-CLIP of this architecture "
                  f"(vision {config.vision}, text {config.text}, embed_dim {config.embed_dim}):"]
