@@ -226,6 +226,22 @@ def test_original_eva_clip_layout_matches_timm_checkpoint_filter(tmp_path, rng):
                                   np.asarray(from_open_clip.encode_text(jnp.asarray(tokens))))
 
 
+@pytest.mark.parametrize("variant", list(eva02.VARIANTS))
+def test_eval_shape_every_variant(variant):
+    cfg = eva02.get_config(variant)
+    graphdef, state = nnx.split(eva02.abstract_model(variant))
+    s, g, e = cfg.vision.image_size, cfg.vision.grid_size, cfg.embed_dim
+
+    def run(state, images, tokens):
+        m = nnx.merge(graphdef, state)
+        return m.encode_image(images), m.encode_text(tokens), m.encode_dense(images, return_global=True)
+
+    img, txt, (glob, dense) = jax.eval_shape(run, state, jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32),
+                                             jax.ShapeDtypeStruct((3, cfg.text.context_length), jnp.int32))
+    assert img.shape == glob.shape == (2, e) and txt.shape == (3, e) and dense.shape == (2, g, g, e)
+    assert img.dtype == txt.dtype == dense.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("variant,builder", [("EVA02-B-16", "eva02_base_patch16_clip_224"),
                                              ("EVA02-L-14-336", "eva02_large_patch14_clip_336")])
 def test_image_tower_param_count_equals_timm(variant, builder):
