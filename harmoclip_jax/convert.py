@@ -2,12 +2,14 @@
 
     python -m harmoclip_jax.convert --hf DIR --out CKPT_DIR [--image_size 336]
     python -m harmoclip_jax.convert --open_clip FILE --variant ViT-B/16 [--family clip] --out CKPT_DIR
+    python -m harmoclip_jax.convert --open_clip EVA02_B_16.pt --variant EVA02-B-16 --out CKPT_DIR  # EVA02-CLIP
     python -m harmoclip_jax.convert --params CKPT_DIR --to_hf HF_DIR      # for PyTorch users of our weights
 
 The backbone family comes from the Hugging Face config.json (--hf), the params checkpoint (--params) or --family
-(--open_clip; default clip). For CLIP, --to_hf writes a complete transformers directory: CLIPModel weights + config,
-our CLIP tokenizer files and a CLIPImageProcessor config reproducing our preprocessing (load with
-CLIPProcessor.from_pretrained(HF_DIR, backend="pil") for pixels identical to ours; see models.convert.save_hf_clip).
+(--open_clip; default: the family whose variant table names --variant). For CLIP, --to_hf writes a complete
+transformers directory: CLIPModel weights + config, our CLIP tokenizer files and a CLIPImageProcessor config
+reproducing our preprocessing (load with CLIPProcessor.from_pretrained(HF_DIR, backend="pil") for pixels identical
+to ours; see models.convert.save_hf_clip).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ _HF = flags.DEFINE_string("hf", None, "Hugging Face CLIPModel directory (config.
 _OPEN_CLIP = flags.DEFINE_string("open_clip", None, "open_clip / OpenAI state dict (.pt, .bin, .safetensors).")
 _PARAMS = flags.DEFINE_string("params", None, "A harmoclip_jax params checkpoint to export (with --to_hf).")
 _VARIANT = flags.DEFINE_string("variant", None, "Architecture of an --open_clip file, e.g. ViT-B/16.")
-_FAMILY = flags.DEFINE_string("family", "clip", "Backbone family of an --open_clip file (models/registry.py).")
+_FAMILY = flags.DEFINE_string("family", None, "Backbone family of an --open_clip file (models/registry.py); default: "
+                              "the family of --variant (ViT-B/16: clip, EVA02-B-16: eva02_clip).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Target image size; resizes the position embedding.")
 _OUT = flags.DEFINE_string("out", None, "Output params checkpoint directory.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Output Hugging Face directory (export): model, tokenizer and processor "
@@ -54,7 +57,7 @@ def main(argv) -> None:
     elif _OPEN_CLIP.value:
         if not _VARIANT.value:
             _usage_error("--open_clip needs --variant (e.g. ViT-B/16)")
-        backbone = registry.get(_FAMILY.value)
+        backbone = registry.get(_FAMILY.value) if _FAMILY.value else registry.for_variant(_VARIANT.value)
         if backbone.load_open_clip is None:
             _usage_error(f"the {backbone.family} family has no open_clip converter")
         model = backbone.load_open_clip(_OPEN_CLIP.value, _VARIANT.value, **overrides)

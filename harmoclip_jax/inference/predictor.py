@@ -211,13 +211,15 @@ class Predictor:
         return cls(model, source=f"Hugging Face {backbone.hf_architecture} {path}", **kwargs)
 
     @classmethod
-    def from_open_clip(cls, path: str | os.PathLike, variant: str, *, family: str = "clip",
+    def from_open_clip(cls, path: str | os.PathLike, variant: str, *, family: str | None = None,
                        image_size: int | None = None, dtype: str | None = None, **kwargs) -> "Predictor":
-        """Converts an open_clip / OpenAI state dict file of architecture `variant` (e.g. "ViT-B/16") of backbone
-        `family` on load; `image_size` resizes the position embedding (bicubic)."""
+        """Converts an open_clip / OpenAI state dict file of architecture `variant` (e.g. "ViT-B/16", "EVA02-B-16")
+        of backbone `family` (default: the family whose variant table names `variant`) on load; `image_size`
+        resizes the position embedding (bicubic)."""
         overrides = {k: v for k, v in (("image_size", image_size), ("dtype", dtype)) if v}
         try:
-            model = registry.get(family).load_open_clip(path, variant, **overrides)
+            backbone = registry.get(family) if family else registry.for_variant(variant)
+            model = backbone.load_open_clip(path, variant, **overrides)
         except (FileNotFoundError, ValueError) as error:
             raise InputError(str(error)) from error
         return cls(model, source=f"open_clip state dict {path} ({variant})", **kwargs)

@@ -5,11 +5,12 @@ import json
 import os
 import pathlib
 
-from harmoclip_jax.models import clip
+from harmoclip_jax.models import clip, eva02
 from harmoclip_jax.models.backbone import Backbone
 
 _BACKBONES: dict[str, Backbone] = {
     "clip": clip.BACKBONE,
+    "eva02_clip": eva02.BACKBONE,
 }
 
 
@@ -35,6 +36,24 @@ def of_model(model) -> Backbone:
             return backbone
     raise ValueError(f"{type(model).__name__} is not the model class of a registered backbone family "
                      f"({', '.join(sorted(_BACKBONES))}); register it with harmoclip_jax.models.registry.register")
+
+
+def for_variant(variant: str) -> Backbone:
+    """The one family whose variant table names `variant` (e.g. "ViT-B/16" -> clip, "EVA02-B-16" -> eva02_clip)."""
+    matches, errors = [], []
+    for backbone in _BACKBONES.values():
+        try:
+            backbone.get_config(variant)
+        except (ValueError, KeyError, TypeError) as error:
+            errors.append(f"{backbone.family}: {error}")
+            continue
+        matches.append(backbone)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"variant {variant!r} names a variant of several families "
+                         f"({', '.join(b.family for b in matches)}); give the family")
+    raise ValueError(f"variant {variant!r} is not a variant of any registered family; " + "; ".join(errors))
 
 
 def for_hf_dir(path: str | os.PathLike) -> Backbone:
