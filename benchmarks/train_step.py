@@ -1,6 +1,7 @@
 """HarmoCLIP train step: ours (one jitted step) vs a PyTorch reference of the same model and losses, in one run.
 
     python benchmarks/train_step.py [--batch 8] [--boxes 20] [--steps 3] [--variant ViT-B/16]
+    python benchmarks/train_step.py --family eva02_clip --variant EVA02-B/16 --skip_reference   # any family, ours
 
 Both sides do the same work per step, the FineCLIP COCO protocol's: text tower frozen, so caption / region-caption /
 lexeme embeddings come precomputed (our trainer's text cache; FineCLIP would run the frozen tower under no_grad);
@@ -64,6 +65,7 @@ def ours(args, batch):
     from harmoclip_jax.ops.regions import region_embeddings
 
     c = config_lib.base_config("harmoclip")
+    c.model.family = args.family
     c.model.variant = args.variant
     c.model.image_size = args.size
     c.data.max_regions = args.boxes
@@ -228,6 +230,7 @@ def _measured_matmul_gflops(dtype: str) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", default="clip", help="backbone family (models/registry.py)")
     parser.add_argument("--variant", default="ViT-B/16")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
@@ -239,9 +242,12 @@ def main():
                         help="peak for the MFU estimate; default: a 4096^3 matmul in --dtype measured in this run")
     parser.add_argument("--skip_reference", action="store_true")
     args = parser.parse_args()
-    from harmoclip_jax.models.variants import get_config
+    if args.family != "clip" and not args.skip_reference:
+        parser.error(f"the PyTorch reference step is CLIP's (transformers CLIPModel); for --family {args.family} "
+                     "pass --skip_reference")
+    from harmoclip_jax.models import registry
 
-    embed_dim = get_config(args.variant).embed_dim
+    embed_dim = registry.get(args.family).get_config(args.variant).embed_dim
     batch = _batch(np.random.default_rng(0), args.batch, args.boxes, args.size, embed_dim)
 
     seconds, flops, region_seconds, peak_bytes = ours(args, batch)
@@ -249,7 +255,8 @@ def main():
     ref_seconds = None if args.skip_reference else reference(args, batch)
     ours_rate = args.batch / seconds
     ref_rate = args.batch / ref_seconds if ref_seconds else None
-    case = {"variant": args.variant, "image_size": args.size, "batch": args.batch, "boxes_per_image": args.boxes,
+    case = {"family": args.family, "variant": args.variant, "image_size": args.size, "batch": args.batch,
+            "boxes_per_image": args.boxes,
             "method": "harmoclip (GC+LRC+GR-a), text tower frozen + cached", "dtype": args.dtype,
             "device": _device_kind(), "threads": args.threads}
     print(json.dumps({

@@ -1,0 +1,51 @@
+"""The speed benchmarks at test size: they run for every family they name and print the benchmark format (one JSON
+object per case with the CPU it ran on). Timing itself is never asserted."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from trainer_helpers import subprocess_env
+
+from harmoclip_jax.testing.machine import cpu_description
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FORMAT = {"bench", "case", "unit", "ours", "reference", "reference_name", "speedup", "cpu"}
+
+
+def _cases(*args):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert lines, proc.stdout[-2000:]
+    for line in lines:
+        assert FORMAT <= set(line), line
+        assert line["cpu"] == cpu_description() and line["ours"] > 0
+    return lines
+
+
+@pytest.mark.parametrize("family,variant,reference", [("clip", "test-tiny", True),
+                                                       ("eva02_clip", "EVA02-test-tiny", False)])
+def test_train_step_benchmark_runs_each_family(family, variant, reference):
+    args = ["benchmarks/train_step.py", "--family", family, "--variant", variant, "--size", "64", "--batch", "2",
+            "--boxes", "3", "--steps", "1", "--peak_gflops", "100", *([] if reference else ["--skip_reference"])]
+    [line] = _cases(*args)
+    assert line["case"]["family"] == family and line["xla_gflops_per_step"] > 0 and 0 < line["mfu"]
+    assert (line["reference"] is not None) == reference
+
+
+def test_train_step_benchmark_refuses_a_reference_it_does_not_have():
+    proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--family", "eva02_clip", "--variant",
+                           "EVA02-test-tiny"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=200)
+    assert proc.returncode == 2 and "pass --skip_reference" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family,variant,reference", [("clip", "test-tiny", True),
+                                                       ("eva02_clip", "EVA02-test-tiny", False)])
+def test_encode_benchmark_runs_each_family(family, variant, reference):
+    [line] = _cases("benchmarks/encode.py", "--family", family, "--variant", variant, "--iters", "1",
+                    *([] if reference else ["--no_reference"]))
+    assert line["case"]["family"] == family and (line["reference"] is not None) == reference
