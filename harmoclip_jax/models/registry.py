@@ -5,11 +5,12 @@ import json
 import os
 import pathlib
 
-from harmoclip_jax.models import clip
+from harmoclip_jax.models import clip, siglip
 from harmoclip_jax.models.backbone import Backbone
 
 _BACKBONES: dict[str, Backbone] = {
     "clip": clip.BACKBONE,
+    "siglip": siglip.BACKBONE,
 }
 
 
