@@ -103,6 +103,11 @@ def compute_outputs(model: ImageTextModel, teacher: ImageTextModel | None, batch
                 model.encode_text(consts[f"{name}_tokens"])
     if "logit_scale" in needed:
         out["logit_scale"] = model.logit_scale[...]
+    if "logit_bias" in needed:  # sigmoid (SigLIP) losses
+        if getattr(model, "logit_bias", None) is None:
+            raise ValueError(f"config.loss.global_form='sigmoid' needs a model with a logit_bias (the siglip family), "
+                             f"not {type(model).__name__}")
+        out["logit_bias"] = model.logit_bias[...]
     return out
 
 

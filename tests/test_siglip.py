@@ -1,0 +1,232 @@
+"""The SigLIP family: parity with transformers' SiglipModel and open_clip's ViT-B-16-SigLIP (perturbed random
+weights, through the convert CLI), HF export round trip, the SentencePiece tokenizer against transformers'
+SiglipTokenizer, the sigmoid loss (open_clip's SigLipLoss; the ring form on 8 devices) and a tiny SigLIP that trains
+on Scenes, resumes and predicts. Offline, CPU."""
+import io
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from harmoclip_jax import losses as L
+from harmoclip_jax import tokenizer as tk
+from harmoclip_jax.models import glue, registry, siglip
+from harmoclip_jax.models.backbone import image_text_logits
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _torch():
+    from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
+
+    ensure_torch_reference_stack()
+    import torch
+
+    return torch
+
+
+def _normalize(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _perturb(torch, module, std, seed=0):
+    """Random weights moved away from their init (zero biases, unit LayerNorms would hide mapping mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=gen))
+
+
+def _convert_cli(args):
+    from absl.testing import flagsaver
+
+    from harmoclip_jax import convert
+
+    with flagsaver.flagsaver():
+        convert.flags.FLAGS.unparse_flags()
+        convert.flags.FLAGS(["convert", *args])
+        convert.main(["convert"])
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+# Published parameter counts of the google/siglip-* SiglipModel checkpoints (transformers).
+KNOWN_COUNTS = {"SigLIP-B/16": 203_156_230 - 260, "SigLIP-So400m/14@384": 877_960_498}
+
+
+def test_variants_build_and_encode_shapes():
+    for name in ("SigLIP-B/16", "SigLIP-Ti/8@64", "SigLIP-test-tiny"):
+        cfg = siglip.get_config(name)
+        model = siglip.abstract_model(name)
+        graphdef, state = nnx.split(model)
+        s, g, e = cfg.vision.image_size, cfg.vision.grid_size, cfg.embed_dim
+
+        def run(state, images, tokens):
+            m = nnx.merge(graphdef, state)
+            return m.encode_image(images), m.encode_text(tokens), m.encode_dense(images, return_global=True)
+
+        img, txt, (glob, dense) = jax.eval_shape(run, state, jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32),
+                                                 jax.ShapeDtypeStruct((3, cfg.text.context_length), jnp.int32))
+        assert img.shape == glob.shape == (2, e) and txt.shape == (3, e) and dense.shape == (2, g, g, e), name
+    assert registry.get("siglip") is siglip.BACKBONE and siglip.BACKBONE.probabilities == "sigmoid"
+    assert siglip.get_config("ViT-B-16-SigLIP") == siglip.get_config("SigLIP-B/16")
+    with pytest.raises(ValueError, match="dense_mode"):
+        siglip.get_config("SigLIP-test-tiny", dense_mode="cls")
+
+
+def test_dense_modes_and_one_pass_global(rng):
+    images = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
+    model = siglip.SigLIP("SigLIP-test-tiny")
+    glob, dense = model.encode_dense(images, return_global=True)
+    np.testing.assert_allclose(glob, model.encode_image(images), atol=1e-6)
+    np.testing.assert_allclose(dense, model.encode_dense(images), atol=1e-6)
+    # map_value: a patch token through the head's value/output projections, then its LN + MLP residual.
+    head, tokens = model.visual.head, model.visual.tokens(images)
+    o = tokens[0, 5] @ head.kv.kernel[...][:, 64:] + head.kv.bias[...][64:]
+    o = o @ head.out.kernel[...] + head.out.bias[...]
+    np.testing.assert_allclose(dense[0, 1, 1], o + head.mlp(head.ln(o)), atol=1e-5)
+    post_ln = siglip.SigLIP("SigLIP-test-tiny", dense_mode="post_ln")
+    np.testing.assert_allclose(post_ln.encode_dense(images)[0, 1, 1], tokens[0, 5], atol=1e-6)
+    # Short token rows are padded with </s> to the context: same embedding as the full row.
+    short = jnp.asarray([[5, 6, 7, 1]], jnp.int32)
+    full = jnp.pad(short, ((0, 0), (0, 12)), constant_values=1)
+    np.testing.assert_allclose(model.encode_text(short), model.encode_text(full), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ the losses
+
+
+def test_sigmoid_loss_equals_open_clip_siglip_loss(rng):
+    torch = _torch()
+    from open_clip.loss import SigLipLoss
+
+    img, txt = rng.standard_normal((12, 16)).astype(np.float32), rng.standard_normal((12, 16)).astype(np.float32)
+    scale, bias = np.float32(np.log(10.0) + 0.3), np.float32(-7.5)
+    want = SigLipLoss()(torch.tensor(_normalize(img)), torch.tensor(_normalize(txt)), torch.tensor(np.exp(scale)),
+                        torch.tensor(bias)).item()
+    got = float(L.sigmoid_contrastive_loss(img, txt, scale, bias))
+    assert abs(got - want) < 1e-5 * abs(want)
+
+    # As the gc term of a config: global_form="sigmoid" (absent from default configs: softmax, unchanged).
+    config = L.default_loss_config("clip")
+    assert "global_form" not in config
+    config.global_form = "sigmoid"
+    assert L.required_outputs(config) == {"image_embed", "text_embed", "logit_scale", "logit_bias"}
+    out = {"image_embed": img, "text_embed": txt, "logit_scale": scale, "logit_bias": bias}
+    assert float(L.total_loss(config, out, {})[1]["gc"]) == pytest.approx(want, rel=1e-5)
+    config.global_form = "cosine"
+    with pytest.raises(ValueError, match="global_form"):
+        L.required_outputs(config)
+
+
+def _ring_setup(rng, batch, dim=16):
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    img = jnp.asarray(rng.standard_normal((batch, dim)), jnp.float32)
+    txt = jnp.asarray(img + 0.5 * rng.standard_normal((batch, dim)), jnp.float32)
+    return mesh, img, txt, jnp.float32(np.log(10.0)), jnp.float32(-3.0)
+
+
+def test_ring_sigmoid_loss_equals_single_device_value_and_gradient(rng):
+    assert len(jax.devices()) >= 8
+    mesh, img, txt, scale, bias = _ring_setup(rng, 32)
+    args = (img, txt, scale, bias)
+    single = jax.jit(jax.value_and_grad(L.sigmoid_contrastive_loss, argnums=(0, 1, 2, 3)))
+    ring = jax.jit(jax.value_and_grad(lambda *a: L.sharded_sigmoid_loss(mesh, *a), argnums=(0, 1, 2, 3)))
+    (v1, g1), (v2, g2) = single(*args), ring(*args)
+    assert abs(float(v1) - float(v2)) <= 1e-5 * abs(float(v1))
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _gathered_sigmoid_loss(mesh, img, txt, scale, bias):
+    """The gathered form: every device scores its images against all texts (all_gather), (b, n*b) logits."""
+    from jax.sharding import PartitionSpec as P
+
+    def local(img, txt, scale, bias):
+        n, b = jax.lax.axis_size("data"), img.shape[0]
+        texts = jax.lax.all_gather(txt, "data", tiled=True)
+        logits = jnp.exp(scale) * L.l2_normalize(img) @ L.l2_normalize(texts).T + bias
+        signs = -jnp.ones_like(logits)
+        signs = jax.lax.dynamic_update_slice(signs, 2 * jnp.eye(b) - 1, (0, jax.lax.axis_index("data") * b))
+        return jax.lax.psum(-jnp.sum(jax.nn.log_sigmoid(signs * logits)), "data") / (n * b)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()), out_specs=P())(
+        img, txt, scale, bias)
+
+
+def test_ring_form_memory_does_not_grow_like_the_gathered_form(rng):
+    """Per-device temporary memory of value_and_grad (XLA's compiled memory analysis) at global batches 1024 and
+    2048 on 8 devices: the gathered form holds (b, n*b) logits, the ring form one (b, b) block at a time."""
+    temp = {}
+    for form, fn in (("ring", L.sharded_sigmoid_loss), ("gathered", _gathered_sigmoid_loss)):
+        for batch in (1024, 2048):
+            mesh, *args = _ring_setup(rng, batch)
+            step = jax.jit(jax.value_and_grad(lambda *a, fn=fn, mesh=mesh: fn(mesh, *a), argnums=(0, 1)))
+            stats = step.lower(*args).compile().memory_analysis()
+            temp[form, batch] = stats.temp_size_in_bytes
+    mesh, *args = _ring_setup(rng, 64)
+    np.testing.assert_allclose(_gathered_sigmoid_loss(mesh, *args), L.sigmoid_contrastive_loss(*args), rtol=1e-5)
+    ring_growth = temp["ring", 2048] - temp["ring", 1024]
+    gathered_growth = temp["gathered", 2048] - temp["gathered", 1024]
+    print("per-device temp bytes:", temp)
+    assert temp["ring", 2048] * 4 < temp["gathered", 2048]
+    assert ring_growth * 4 < gathered_growth
+
+
+# ------------------------------------------------------------------------------------------------ the tokenizer
+
+
+def _train_spm(path: pathlib.Path) -> pathlib.Path:
+    """A small SentencePiece model with SigLIP's special ids (pad 0, </s> 1, <unk> 2)."""
+    import sentencepiece as spm
+
+    corpus = [f"a photo of {a} {b} on the {c}" for a in ("a red", "two blue", "the small", "une grande", "café")
+              for b in ("cat", "dog", "circle", "star", "naïve") for c in ("left", "right", "table", "sky")]
+    corpus += ["hello world its 314 oclock", "emoji 🐱 and ümlauts ärger", "ﬁ ligature and ｆｕｌｌ width"]
+    corpus += [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "star")]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 5), model_writer=buf, vocab_size=64,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+                                   eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "spiece.model").write_bytes(buf.getvalue())
+    return path / "spiece.model"
+
+
+@pytest.fixture(scope="module")
+def spm_file(tmp_path_factory):
+    return _train_spm(tmp_path_factory.mktemp("spm"))
+
+
+HARD_TEXTS = ["", " ", "a photo of a cat", "  Hello,   WORLD!!  ", "A red circle; two blue stars.", "Café naïve Ärger",
+              "emoji 🐱🐶 🚀!", "ﬁ ｆｕｌｌ", "tab\tand\nnewline", "x" * 300, "a \u2581 b \u2581\u2581c", "long " * 80,
+              "\u00a0nbsp\u2003em", "日本語のテキスト", "it's 3.14 o'clock (approx.) -- \"quoted\" & <tags>"]
+
+
+def test_tokenizer_ids_equal_transformers_siglip_tokenizer(spm_file, tmp_path, monkeypatch):
+    _torch()
+    from transformers import SiglipTokenizer
+
+    SiglipTokenizer(vocab_file=str(spm_file)).save_pretrained(tmp_path / "hf")
+    hf = SiglipTokenizer.from_pretrained(tmp_path / "hf")
+    ours = tk.get_tokenizer(f"siglip:{tmp_path / 'hf'}")  # a checkpoint directory holding spiece.model
+    want = hf(HARD_TEXTS, padding="max_length", truncation=True, max_length=64)["input_ids"]
+    got = ours(HARD_TEXTS, 64)
+    assert got.dtype == np.int32 and got.shape == (len(HARD_TEXTS), 64)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    # Special-token literals stay text (big_vision); transformers agrees with split_special_tokens=True.
+    literal = ["an <unk> and a </s> in a caption"]
+    want = hf(literal, padding="max_length", truncation=True, max_length=64, split_special_tokens=True)["input_ids"]
+    np.testing.assert_array_equal(ours(literal, 64), np.asarray(want))
+    import pickle
+
+    assert np.array_equal(pickle.loads(pickle.dumps(ours))(HARD_TEXTS, 64), ours(HARD_TEXTS, 64))  # grain workers
+    monkeypatch.delenv(tk.SIGLIP_TOKENIZER_ENV, raising=False)
+    with pytest.raises(ValueError, match="tokenizer_file"):
+        tk.siglip_tokenizer.__wrapped__(None)
