@@ -54,10 +54,6 @@ def _convert_cli(args):
 # ------------------------------------------------------------------------------------------------ the model
 
 
-# Published parameter counts of the google/siglip-* SiglipModel checkpoints (transformers).
-KNOWN_COUNTS = {"SigLIP-B/16": 203_156_230 - 260, "SigLIP-So400m/14@384": 877_960_498}
-
-
 def test_variants_build_and_encode_shapes():
     for name in ("SigLIP-B/16", "SigLIP-Ti/8@64", "SigLIP-test-tiny"):
         cfg = siglip.get_config(name)
@@ -95,6 +91,142 @@ def test_dense_modes_and_one_pass_global(rng):
     short = jnp.asarray([[5, 6, 7, 1]], jnp.int32)
     full = jnp.pad(short, ((0, 0), (0, 12)), constant_values=1)
     np.testing.assert_allclose(model.encode_text(short), model.encode_text(full), atol=1e-6)
+
+
+def test_param_count_equals_transformers_for_every_variant():
+    """Each variant built by transformers (meta device: no memory) has as many parameters as ours."""
+    torch = _torch()
+    from transformers import SiglipConfig, SiglipModel
+
+    from harmoclip_jax.models.convert_siglip import hf_config_dict
+
+    for name in siglip.VARIANTS:
+        d = hf_config_dict(siglip.get_config(name))
+        with torch.device("meta"):
+            hf = SiglipModel(SiglipConfig(text_config=d["text_config"], vision_config=d["vision_config"]))
+        assert glue.count_params(siglip.abstract_model(name)) == sum(p.numel() for p in hf.parameters()), name
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+
+
+@pytest.fixture(scope="module")
+def hf_b16(tmp_path_factory):
+    """A transformers SiglipModel B/16 (random, perturbed) saved as a HF directory, and its converted params."""
+    torch = _torch()
+    from transformers import SiglipConfig, SiglipModel
+
+    from harmoclip_jax.models.convert_siglip import hf_config_dict
+
+    d = hf_config_dict(siglip.get_config("SigLIP-B/16"))
+    torch.manual_seed(0)
+    hf = SiglipModel(SiglipConfig(text_config=d["text_config"], vision_config=d["vision_config"])).eval()
+    _perturb(torch, hf, 0.02)
+    with torch.no_grad():
+        hf.logit_scale.fill_(2.1)
+        hf.logit_bias.fill_(-6.5)
+    root = tmp_path_factory.mktemp("hf_b16")
+    hf.save_pretrained(root / "hf")
+    _convert_cli(["--hf", str(root / "hf"), "--out", str(root / "params")])
+    return hf, root
+
+
+def _hf_inputs(rng, torch, image_size=224, n_text=3, vocab=32000):
+    pixels = rng.standard_normal((2, 3, image_size, image_size)).astype(np.float32)
+    ids = rng.integers(2, vocab, (n_text, 64))
+    ids[0, 10:] = 1  # a padded row (pad = </s> = 1)
+    return pixels, ids, torch.tensor(pixels), torch.tensor(ids)
+
+
+def _features(out):
+    return (out.pooler_output if hasattr(out, "pooler_output") else out).detach().numpy()
+
+
+def test_hf_siglip_b16_parity_through_the_convert_cli(hf_b16, rng):
+    torch = _torch()
+    from harmoclip_jax import checkpoint
+
+    hf, root = hf_b16
+    model = checkpoint.load_params(root / "params")
+    assert type(model) is siglip.SigLIP
+    assert glue.count_params(model) == sum(p.numel() for p in hf.parameters())
+    pixels, ids, tp, ti = _hf_inputs(rng, torch)
+    with torch.no_grad():
+        want_img, want_txt = _features(hf.get_image_features(pixel_values=tp)), _features(hf.get_text_features(
+            input_ids=ti))
+        logits = hf(input_ids=ti, pixel_values=tp).logits_per_image.numpy()
+    img = np.asarray(model.encode_image(jnp.asarray(pixels.transpose(0, 2, 3, 1))))
+    txt = np.asarray(model.encode_text(jnp.asarray(ids)))
+    err_img, err_txt = np.abs(img - want_img).max(), np.abs(txt - want_txt).max()
+    print(f"HF B/16 parity: image max|diff| {err_img:.2e}, text {err_txt:.2e}")
+    assert err_img <= 1e-4 and err_txt <= 1e-4
+    ours_logits = image_text_logits(model, _normalize(img) @ _normalize(txt).T)
+    assert np.abs(ours_logits - logits).max() <= 1e-4
+
+
+def test_export_round_trip_loads_in_transformers_with_identical_outputs(hf_b16, rng, tmp_path):
+    torch = _torch()
+    from transformers import SiglipModel
+
+    hf, root = hf_b16
+    _convert_cli(["--params", str(root / "params"), "--to_hf", str(tmp_path / "export")])
+    back = SiglipModel.from_pretrained(tmp_path / "export").eval()
+    _, _, tp, ti = _hf_inputs(rng, torch)
+    with torch.no_grad():
+        a, b = hf(input_ids=ti, pixel_values=tp), back(input_ids=ti, pixel_values=tp)
+    for key in ("image_embeds", "text_embeds", "logits_per_image"):
+        np.testing.assert_array_equal(getattr(a, key).numpy(), getattr(b, key).numpy())
+    assert sorted(back.state_dict()) == sorted(hf.state_dict())
+
+
+def test_open_clip_vit_b16_siglip_parity_through_the_convert_cli(rng, tmp_path):
+    torch = _torch()
+    import open_clip
+    from safetensors.torch import save_file
+
+    from harmoclip_jax import checkpoint
+
+    torch.manual_seed(1)
+    oc = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval()
+    _perturb(torch, oc, 0.02, seed=1)
+    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(tmp_path / "oc.safetensors"))
+    _convert_cli(["--open_clip", str(tmp_path / "oc.safetensors"), "--variant", "ViT-B-16-SigLIP", "--family",
+                  "siglip", "--out", str(tmp_path / "params")])
+    model = checkpoint.load_params(tmp_path / "params")
+    assert glue.count_params(model) == sum(p.numel() for p in oc.parameters())
+    pixels, ids, tp, ti = _hf_inputs(rng, torch)
+    with torch.no_grad():
+        want_img, want_txt = oc.encode_image(tp).numpy(), oc.encode_text(ti).numpy()
+    err_img = np.abs(np.asarray(model.encode_image(jnp.asarray(pixels.transpose(0, 2, 3, 1)))) - want_img).max()
+    err_txt = np.abs(np.asarray(model.encode_text(jnp.asarray(ids))) - want_txt).max()
+    print(f"open_clip B/16 parity: image max|diff| {err_img:.2e}, text {err_txt:.2e}")
+    assert err_img <= 1e-4 and err_txt <= 1e-4
+
+
+def test_position_embedding_resize_matches_hf_interpolate_pos_encoding(rng, tmp_path):
+    """A tiny HF SigLIP loaded at 96px (from 64px) equals HF with interpolate_pos_encoding=True."""
+    torch = _torch()
+    from transformers import SiglipConfig, SiglipModel
+
+    from harmoclip_jax.models import convert_siglip
+    from harmoclip_jax.models.convert import CheckpointMismatchError
+
+    d = convert_siglip.hf_config_dict(siglip.get_config("SigLIP-test-tiny"))
+    torch.manual_seed(2)
+    hf = SiglipModel(SiglipConfig(text_config=d["text_config"], vision_config=d["vision_config"])).eval()
+    _perturb(torch, hf, 0.05, seed=2)
+    hf.save_pretrained(tmp_path / "hf")
+    model = convert_siglip.load_hf_siglip(tmp_path / "hf", image_size=96)
+    pixels = rng.standard_normal((2, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        want = _features(hf.get_image_features(pixel_values=torch.tensor(pixels), interpolate_pos_encoding=True))
+    np.testing.assert_allclose(model.encode_image(jnp.asarray(pixels.transpose(0, 2, 3, 1))), want, atol=1e-4)
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    sd.pop("vision_model.head.probe")
+    sd["extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)missing keys \(1\): vision_model.head.probe.*unexpected keys "
+                                                      r"\(1\): extra.weight"):
+        convert_siglip.state_dict_to_params(sd, siglip.get_config("SigLIP-test-tiny"), "hf")
 
 
 # ------------------------------------------------------------------------------------------------ the losses
