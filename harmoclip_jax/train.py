@@ -154,7 +154,7 @@ class Trainer:
 
     def tokenize(self, texts) -> np.ndarray:
         """Token ids of `texts` for this model (its family's tokenizer at config.model.context_length)."""
-        return get_tokenizer(self.glue.backbone.tokenizer)(list(texts), self.config.model.context_length)
+        return get_tokenizer(config_lib.tokenizer_name(self.config))(list(texts), self.config.model.context_length)
 
     def eval_fns(self) -> evaluators.EvalFns:
         glue, region = self.glue, self.config.region

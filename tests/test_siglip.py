@@ -362,3 +362,78 @@ def test_tokenizer_ids_equal_transformers_siglip_tokenizer(spm_file, tmp_path, m
     monkeypatch.delenv(tk.SIGLIP_TOKENIZER_ENV, raising=False)
     with pytest.raises(ValueError, match="tokenizer_file"):
         tk.siglip_tokenizer.__wrapped__(None)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _scenes_spm(path: pathlib.Path) -> pathlib.Path:
+    """A SentencePiece model for the Scenes captions (their words, plus every letter so nothing is unknown)."""
+    import sentencepiece as spm
+
+    from harmoclip_jax.data import scenes
+
+    words = [*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, "a", "an", "the", "of", "and", "with", "on", "left",
+             "right", "above", "below", "next", "to", "photo", "picture", "there", "is", "are", "two", "three"]
+    corpus = [" ".join(words[i:i + 6]) for i in range(len(words))] + [f"a {c}" for c in scenes.CLASS_NAMES]
+    corpus += ["abcdefghijklmnopqrstuvwxyz 0123456789"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 3), model_writer=buf, vocab_size=120,
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+                                   character_coverage=1.0, minloglevel=2)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "spiece.model").write_bytes(buf.getvalue())
+    return path / "spiece.model"
+
+
+def _train_config(total_steps, spm):
+    from harmoclip_jax import config_lib
+
+    c = config_lib.load_config(str(ROOT / "configs" / "demo.py") + ":smoke")
+    c.model.family = "siglip"
+    c.model.variant = "SigLIP-test-tiny"
+    c.model.context_length = 32
+    c.model.tokenizer_file = str(spm)  # the pipeline, trainer and Predictor use "siglip:<this file>"
+    c.loss.global_form = "sigmoid"
+    c.region.text_length = None
+    c.total_steps = total_steps
+    c.progress_bar = False
+    c.plot = False
+    c.checkpoint.async_save = False
+    return c
+
+
+def test_tiny_siglip_trains_on_scenes_resumes_and_predicts(tmp_path, monkeypatch):
+    from harmoclip_jax import checkpoint, train
+    from harmoclip_jax import workdir as workdir_lib
+    from harmoclip_jax.inference import Predictor
+    from harmoclip_jax.metrics_writer import read_metrics
+
+    monkeypatch.delenv(tk.SIGLIP_TOKENIZER_ENV, raising=False)  # the file must come from the run's config
+    spm = _scenes_spm(tmp_path / "spm")
+    workdir = tmp_path / "run"
+    metrics = train.train_and_evaluate(_train_config(3, spm), workdir)
+    assert workdir_lib.checkpoint_steps(workdir) == [2, 3]
+    assert 0 <= metrics["eval/boxcls/top1"] <= 1 and 0 <= metrics["eval/retrieval/t2i_r1"] <= 1
+    records = read_metrics(workdir / workdir_lib.METRICS)
+    assert {"loss/gc", "loss/lrc", "loss/gr"} <= set(records[-1])
+    losses_3 = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert all(np.isfinite(v) for v in losses_3.values())
+
+    train.train_and_evaluate(_train_config(5, spm), workdir)  # resumes from step 3
+    records = read_metrics(workdir / workdir_lib.METRICS)
+    losses_5 = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert sorted(losses_5) == [1, 2, 3, 4, 5] and all(losses_5[s] == losses_3[s] for s in (1, 2, 3))
+
+    predictor = Predictor.from_checkpoint(workdir)
+    assert type(predictor.model) is siglip.SigLIP and predictor.tokenizer == f"siglip:{spm}"
+    params = glue.params_of(predictor.model)
+    assert float(params["logit_bias"]) != -10.0  # the bias trained
+    jax.tree.map(np.testing.assert_array_equal, params,
+                 glue.params_of(checkpoint.load_params(workdir / workdir_lib.PARAMS)))
+    image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8)
+    result = predictor.classify_regions(image, [[0, 0, 30, 20], [10, 5, 56, 40]], ["red circle", "blue star"])
+    assert result.probs.shape == (2, 2) and np.all((result.probs > 0) & (result.probs < 1))
+    assert not np.allclose(result.probs.sum(-1), 1.0)  # independent sigmoids, not a softmax
+    np.testing.assert_allclose(predictor.preprocess(np.full((8, 8, 3), 255, np.uint8))[0], 1.0, rtol=1e-6)
