@@ -437,3 +437,17 @@ def test_tiny_siglip_trains_on_scenes_resumes_and_predicts(tmp_path, monkeypatch
     assert result.probs.shape == (2, 2) and np.all((result.probs > 0) & (result.probs < 1))
     assert not np.allclose(result.probs.sum(-1), 1.0)  # independent sigmoids, not a softmax
     np.testing.assert_allclose(predictor.preprocess(np.full((8, 8, 3), 255, np.uint8))[0], 1.0, rtol=1e-6)
+
+
+def test_siglip_b16_config_stops_with_the_conversion_command(tmp_path):
+    from harmoclip_jax import config_lib, train
+
+    c = config_lib.load_config(str(ROOT / "configs" / "siglip_b16.py") + ":res=256,hf_dir=/ckpt/siglip256,"
+                               f"params_dir={tmp_path / 'none'}")
+    config_lib.validate(c)
+    assert c.model.variant == "SigLIP-B/16@256" and c.model.family == "siglip" and c.loss.global_form == "sigmoid"
+    assert config_lib.tokenizer_name(c) == "siglip:/ckpt/siglip256/spiece.model"
+    assert L.required_outputs(c.loss) >= {"logit_bias", "region_embed"}
+    with pytest.raises(FileNotFoundError, match=f"python -m harmoclip_jax.convert --hf /ckpt/siglip256 --out "
+                                                f"{tmp_path / 'none'}"):
+        train.check_inputs(c)
