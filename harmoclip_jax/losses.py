@@ -481,7 +481,9 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
         "gc", weights={"harmoclip": 1.0, "clip": 1.0, "fineclip": 1.0},
         variants={"": LossVariant(("image_embed", "text_embed", "logit_scale"), (), _gc)},
         form=("global_form", "softmax"),
-        form_variants={"sigmoid": LossVariant(("image_embed", "text_embed", "logit_scale", "logit_bias"), (), _gc_sigmoid)},
+        form_variants={
+            "sigmoid": LossVariant(("image_embed", "text_embed", "logit_scale", "logit_bias"), (), _gc_sigmoid),
+        },
     ),
     LossTerm(
         "lrc", weights={"harmoclip": 1.0}, select="lrc_negatives",

@@ -55,7 +55,7 @@ def _convert_cli(args):
 
 
 def test_variants_build_and_encode_shapes():
-    for name in ("SigLIP-B/16", "SigLIP-Ti/8@64", "SigLIP-test-tiny"):
+    for name in ("SigLIP-Ti/8@64", "SigLIP-test-tiny"):  # B/16: the parity tests
         cfg = siglip.get_config(name)
         model = siglip.abstract_model(name)
         graphdef, state = nnx.split(model)
@@ -93,14 +93,15 @@ def test_dense_modes_and_one_pass_global(rng):
     np.testing.assert_allclose(model.encode_text(short), model.encode_text(full), atol=1e-6)
 
 
-def test_param_count_equals_transformers_for_every_variant():
-    """Each variant built by transformers (meta device: no memory) has as many parameters as ours."""
+def test_param_count_equals_transformers():
+    """The variants built by transformers (meta device: no memory) have as many parameters as ours (B/16 and the
+    test model: the parity tests)."""
     torch = _torch()
     from transformers import SiglipConfig, SiglipModel
 
     from harmoclip_jax.models.convert_siglip import hf_config_dict
 
-    for name in siglip.VARIANTS:
+    for name in ("SigLIP-L/16@384", "SigLIP-So400m/14@384", "SigLIP-Ti/8@64"):
         d = hf_config_dict(siglip.get_config(name))
         with torch.device("meta"):
             hf = SiglipModel(SiglipConfig(text_config=d["text_config"], vision_config=d["vision_config"]))
@@ -179,20 +180,16 @@ def test_export_round_trip_loads_in_transformers_with_identical_outputs(hf_b16, 
     assert sorted(back.state_dict()) == sorted(hf.state_dict())
 
 
-def test_open_clip_vit_b16_siglip_parity_through_the_convert_cli(rng, tmp_path):
+def test_open_clip_vit_b16_siglip_parity(rng, tmp_path):
     torch = _torch()
     import open_clip
     from safetensors.torch import save_file
-
-    from harmoclip_jax import checkpoint
 
     torch.manual_seed(1)
     oc = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval()
     _perturb(torch, oc, 0.02, seed=1)
     save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(tmp_path / "oc.safetensors"))
-    _convert_cli(["--open_clip", str(tmp_path / "oc.safetensors"), "--variant", "ViT-B-16-SigLIP", "--family",
-                  "siglip", "--out", str(tmp_path / "params")])
-    model = checkpoint.load_params(tmp_path / "params")
+    model = siglip.BACKBONE.load_open_clip(tmp_path / "oc.safetensors", "ViT-B-16-SigLIP")  # what --open_clip runs
     assert glue.count_params(model) == sum(p.numel() for p in oc.parameters())
     pixels, ids, tp, ti = _hf_inputs(rng, torch)
     with torch.no_grad():
@@ -221,11 +218,12 @@ def test_position_embedding_resize_matches_hf_interpolate_pos_encoding(rng, tmp_
     with torch.no_grad():
         want = _features(hf.get_image_features(pixel_values=torch.tensor(pixels), interpolate_pos_encoding=True))
     np.testing.assert_allclose(model.encode_image(jnp.asarray(pixels.transpose(0, 2, 3, 1))), want, atol=1e-4)
+    assert glue.count_params(siglip.abstract_model("SigLIP-test-tiny")) == sum(p.numel() for p in hf.parameters())
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
     sd.pop("vision_model.head.probe")
     sd["extra.weight"] = np.zeros(3, np.float32)
-    with pytest.raises(CheckpointMismatchError, match=r"(?s)missing keys \(1\): vision_model.head.probe.*unexpected keys "
-                                                      r"\(1\): extra.weight"):
+    mismatch = r"(?s)missing keys \(1\): vision_model.head.probe.*unexpected keys \(1\): extra.weight"
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
         convert_siglip.state_dict_to_params(sd, siglip.get_config("SigLIP-test-tiny"), "hf")
 
 
@@ -323,7 +321,7 @@ def _train_spm(path: pathlib.Path) -> pathlib.Path:
     corpus += ["hello world its 314 oclock", "emoji 🐱 and ümlauts ärger", "ﬁ ligature and ｆｕｌｌ width"]
     corpus += [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "star")]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 5), model_writer=buf, vocab_size=64,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 5), model_writer=buf, vocab_size=64, hard_vocab_limit=False,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
                                    eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2)
     path.mkdir(parents=True, exist_ok=True)
