@@ -15,6 +15,10 @@ Backends:
   * `Tokenizer.from_hf_dir(path)` - the vocab.json/merges.txt (or tokenizer.json) of a Hugging Face
     CLIP checkpoint directory, through `transformers.CLIPTokenizer`.
 
+SigLIP (`SentencePieceTokenizer`, name "siglip"): a SentencePiece model read from the checkpoint's spiece.model,
+with transformers' SiglipTokenizer normalisation and ids, 64 tokens padded with "</s>". A run names the file in
+`config.model.tokenizer_file` (`get_tokenizer("siglip:<file>")`); plain "siglip" reads $HARMOCLIP_SIGLIP_TOKENIZER.
+
 Hugging Face files: `clip_bpe()` reads that same vocabulary back out of `instant-clip-tokenizer` (vocab +
 merges in HF's layout) and `save_hf_tokenizer(path)` writes a `CLIPTokenizer` directory from it whose
 ids equal `tokenize`'s for ordinary text: padding "!" (id 0), truncation keeping EOT last, and

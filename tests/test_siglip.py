@@ -165,12 +165,16 @@ def test_hf_siglip_b16_parity_through_the_convert_cli(hf_b16, rng):
     assert np.abs(ours_logits - logits).max() <= 1e-4
 
 
-def test_export_round_trip_loads_in_transformers_with_identical_outputs(hf_b16, rng, tmp_path):
+def test_export_round_trip_loads_in_transformers_with_identical_outputs(hf_b16, spm_file, rng, tmp_path):
     torch = _torch()
-    from transformers import SiglipModel
+    from transformers import AutoTokenizer, SiglipModel
 
     hf, root = hf_b16
-    _convert_cli(["--params", str(root / "params"), "--to_hf", str(tmp_path / "export")])
+    _convert_cli(["--params", str(root / "params"), "--to_hf", str(tmp_path / "export"), "--tokenizer_file",
+                  str(spm_file)])
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "export", use_fast=False)
+    want = hf_tok(HARD_TEXTS, padding="max_length", truncation=True, max_length=64)["input_ids"]
+    np.testing.assert_array_equal(tk.get_tokenizer(f"siglip:{tmp_path / 'export'}")(HARD_TEXTS), np.asarray(want))
     back = SiglipModel.from_pretrained(tmp_path / "export").eval()
     _, _, tp, ti = _hf_inputs(rng, torch)
     with torch.no_grad():
