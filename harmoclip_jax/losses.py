@@ -46,7 +46,8 @@ Terms (``total_loss`` returns each one unweighted, plus ``total``):
           SigLIP's pairwise sigmoid loss (open_clip SigLipLoss; needs the model's ``logit_bias``).
   lrc     Lexeme-Region Contrastive: regions <-> lexemes, symmetric InfoNCE over the valid regions of
           the global batch; same-lexeme pairs are extra positives (or masked out of the negatives); or
-          regions classified against a fixed lexeme vocabulary.
+          regions classified against a fixed lexeme vocabulary; with ``lrc_form="sigmoid"`` the pairwise
+          sigmoid loss over the same pairs (SigLIP models).
   gr      Global-Region alignment, variant a (region <-> region caption InfoNCE, = FineCLIP's L_RC),
           b (masked-mean pooled regions of an image <-> its global caption, InfoNCE over the batch) or
           c (1 - cos(region, stop_grad(student crop))).
@@ -83,6 +84,7 @@ __all__ = [
     "global_contrastive_loss",
     "sigmoid_contrastive_loss",
     "sigmoid_contrastive_loss_ring",
+    "masked_sigmoid_loss",
     "sharded_sigmoid_loss",
     "lexeme_region_contrastive_loss",
     "lexeme_vocab_contrastive_loss",
@@ -188,6 +190,21 @@ def sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias):
     logits = scaled_cosine_logits(image_embed, text_embed, logit_scale) + logit_bias
     signs = 2.0 * jnp.eye(logits.shape[0], logits.shape[1], dtype=logits.dtype) - 1.0
     return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / image_embed.shape[0]
+
+
+def masked_sigmoid_loss(queries, keys, logit_scale, logit_bias, valid=None, positive=None, negative=None):
+    """The pairwise sigmoid loss between paired sets ``queries[i] <-> keys[i]`` with ``masked_info_nce``'s masks:
+    -sum log sigmoid(z * (exp(logit_scale) * cos + logit_bias)) over valid pairs / the number of valid items, z = +1
+    for positives (the diagonal and ``positive``), -1 for the allowed negatives; other pairs do not count."""
+    n = queries.shape[0]
+    valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
+    eye = jnp.eye(n, dtype=bool)
+    positive = eye if positive is None else (positive.astype(bool) | eye)
+    allowed = jnp.ones((n, n), bool) if negative is None else (negative.astype(bool) | positive)
+    pairs = allowed & valid[:, None] & valid[None, :]
+    logits = scaled_cosine_logits(queries, keys, logit_scale) + logit_bias
+    per_pair = jax.nn.log_sigmoid(jnp.where(positive, logits, -logits))
+    return -jnp.sum(jnp.where(pairs, per_pair, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def sigmoid_contrastive_loss_ring(image_embed, text_embed, logit_scale, logit_bias, axis_name: str = "data"):
@@ -439,6 +456,14 @@ def _lrc_batch(o, b, c):
     )
 
 
+def _lrc_sigmoid(o, b, c):
+    ids = b["lexeme_id"].reshape(-1)
+    same = ids[:, None] == ids[None, :]
+    positive, negative = (same, None) if c.lrc_duplicates == "positive" else (None, ~same)
+    return masked_sigmoid_loss(_flatten_regions(o["region_embed"]), _flatten_regions(o["lexeme_embed"]),
+                               o["logit_scale"], o["logit_bias"], b["box_mask"].reshape(-1), positive, negative)
+
+
 def _lrc_vocab(o, b, c):
     return lexeme_vocab_contrastive_loss(
         o["region_embed"], o["lexeme_vocab_embed"], b["box_mask"], b["lexeme_id"], o["logit_scale"]
@@ -492,6 +517,11 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
             "vocab": LossVariant(("region_embed", "lexeme_vocab_embed", "logit_scale"), _MASK_IDS, _lrc_vocab),
         },
         options=(LossOption("lrc_duplicates", "positive", _LRC_DUPLICATES),),
+        form=("lrc_form", "softmax"),
+        form_variants={
+            "sigmoid": LossVariant(("region_embed", "lexeme_embed", "logit_scale", "logit_bias"), _MASK_IDS,
+                                   _lrc_sigmoid),
+        },
     ),
     LossTerm(
         "gr", weights={"harmoclip": 1.0}, select="gr_variant",
@@ -581,6 +611,11 @@ def validate_loss_config(config) -> None:
         for opt in term.all_options():
             if opt.choices is not None:
                 _check_choice(config, opt.field, opt.choices, opt.default)
+        # A form replaces the default variant only (the sigmoid LRC has in-batch negatives, not the vocabulary).
+        if term.form and term.select and config.get(term.form[0], term.form[1]) != term.form[1] \
+                and config[term.select] != next(iter(term.variants)):
+            raise ValueError(f"loss config: {term.form[0]}={config[term.form[0]]!r} needs {term.select}="
+                             f"{next(iter(term.variants))!r}, not {config[term.select]!r}")
     if not any(float(config.weights[t]) != 0.0 for t in config.weights.keys()):
         raise ValueError("loss config: every loss weight is zero; enable at least one term")
 

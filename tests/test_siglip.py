@@ -453,3 +453,26 @@ def test_siglip_b16_config_stops_with_the_conversion_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"python -m harmoclip_jax.convert --hf /ckpt/siglip256 --out "
                                                 f"{tmp_path / 'none'}"):
         train.check_inputs(c)
+
+
+def test_sigmoid_lrc_against_numpy(rng):
+    n, e = 10, 8
+    regions, lexemes = rng.standard_normal((2, 5, e)), rng.standard_normal((2, 5, e))
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], bool)
+    ids = rng.integers(0, 3, (2, 5))
+    scale, bias = 1.7, -2.0
+    logits = np.exp(scale) * _normalize(regions.reshape(n, e)) @ _normalize(lexemes.reshape(n, e)).T + bias
+    same, valid = ids.reshape(-1)[:, None] == ids.reshape(-1)[None, :], mask.reshape(-1)
+    for duplicates in ("positive", "mask"):
+        z = np.where(same if duplicates == "positive" else np.eye(n, dtype=bool), 1.0, -1.0)
+        counted = valid[:, None] & valid[None, :] & ((same & (z > 0)) | ~same | np.eye(n, dtype=bool))
+        want = -np.sum(np.where(counted, np.log(1 / (1 + np.exp(-z * logits))), 0)) / valid.sum()
+        config = L.default_loss_config("harmoclip")
+        config.weights.gr, config.weights.gc = 0.0, 0.0
+        config.lrc_form, config.lrc_duplicates = "sigmoid", duplicates
+        out = {"region_embed": regions, "lexeme_embed": lexemes, "logit_scale": scale, "logit_bias": bias}
+        got = L.total_loss(config, out, {"box_mask": mask, "lexeme_id": ids})[1]["lrc"]
+        assert float(got) == pytest.approx(want, rel=1e-5), duplicates
+    config.lrc_negatives = "vocab"
+    with pytest.raises(ValueError, match="lrc_form='sigmoid' needs lrc_negatives='batch'"):
+        L.required_outputs(config)
