@@ -74,6 +74,24 @@ def test_variants_build_and_encode_shapes():
         siglip.get_config("SigLIP-test-tiny", dense_mode="cls")
 
 
+def test_remat_and_bfloat16(rng):
+    images = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
+
+    def grads(**overrides):
+        graphdef, params, rest = nnx.split(siglip.SigLIP("SigLIP-test-tiny", **overrides), nnx.Param, ...)
+
+        def loss(p):
+            model = nnx.merge(graphdef, p, rest)
+            pooled, dense = model.encode_dense(images, return_global=True)
+            return jnp.sum(dense**2) + jnp.sum(pooled) + jnp.sum(model.encode_text(jnp.ones((2, 16), jnp.int32))**2)
+
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+    for a, b in zip(grads(), grads(remat=True)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads(dtype="bfloat16"))
+
+
 def test_dense_modes_and_one_pass_global(rng):
     images = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
     model = siglip.SigLIP("SigLIP-test-tiny")
@@ -325,8 +343,8 @@ def _train_spm(path: pathlib.Path) -> pathlib.Path:
     corpus += ["hello world its 314 oclock", "emoji 🐱 and ümlauts ärger", "ﬁ ligature and ｆｕｌｌ width"]
     corpus += [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "star")]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 5), model_writer=buf, vocab_size=64, hard_vocab_limit=False,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 5), model_writer=buf, vocab_size=64,
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
                                    eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2)
     path.mkdir(parents=True, exist_ok=True)
     (path / "spiece.model").write_bytes(buf.getvalue())
