@@ -14,6 +14,7 @@ Text: 64 tokens (SigLIP pads every text to 64). Global term: SigLIP's sigmoid lo
 "softmax" gives CLIP's InfoNCE on SigLIP features); region terms keep their softmax form.
 """
 import importlib.util
+import math
 import pathlib
 
 from harmoclip_jax import config_lib
@@ -38,6 +39,9 @@ def get_config(arg=None):
     c.model.context_length = 64
     c.model.tokenizer_file = f"{hf_dir}/spiece.model"
     c.loss.global_form = arg.global_form
+    # CLIP's clamp exp(logit_scale) <= 100 would cut the released SigLIPs' scale (~117) at the first step; big_vision
+    # does not clamp, so only a loose guard stays.
+    c.optim.max_logit_scale = math.log(1000.0)
     c.init.hint = (f"Convert the pretrained weights first: python -m harmoclip_jax.convert --hf {hf_dir} --out "
                    f"{params_dir} (a HF SiglipModel directory, e.g. google/siglip-base-patch16-{arg.res}; its "
                    "spiece.model is the tokenizer), then pass --config.init.params_dir if you changed it.")
