@@ -99,6 +99,13 @@ def backbone(config: ml_collections.ConfigDict):
     return registry.get(model_section(config).family)
 
 
+def tokenizer_name(config: ml_collections.ConfigDict) -> str:
+    """The `tokenizer.get_tokenizer` name of the run: the family's tokenizer, given `config.model.tokenizer_file`
+    (optional; the siglip family's SentencePiece model, e.g. the checkpoint's spiece.model) as its argument."""
+    file = model_section(config).get("tokenizer_file")
+    return f"{backbone(config).tokenizer}:{file}" if file else backbone(config).tokenizer
+
+
 def data_config(config: ml_collections.ConfigDict, process_count: int = 1) -> ml_collections.ConfigDict:
     """The pipeline's config: `config.data` plus what the model decides (input size, text context, pixel
     normalisation, tokenizer) and the per-process batch sizes."""
@@ -107,7 +114,7 @@ def data_config(config: ml_collections.ConfigDict, process_count: int = 1) -> ml
     data.image_size = model.image_size
     data.context_length = model.context_length
     data.image_mean, data.image_std = tuple(family.image_mean), tuple(family.image_std)
-    data.tokenizer = family.tokenizer
+    data.tokenizer = tokenizer_name(config)
     data.batch_size = config.batch_size // process_count
     data.eval_batch_size = config.eval_batch_size // process_count
     return data

@@ -29,6 +29,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Target image size; resiz
 _OUT = flags.DEFINE_string("out", None, "Output params checkpoint directory.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Output Hugging Face directory (export): model, tokenizer and processor "
                              "files.")
+_TOKENIZER_FILE = flags.DEFINE_string("tokenizer_file", None, "With --to_hf for SigLIP: the SentencePiece model "
+                                      "(spiece.model) to write as the export's SiglipTokenizer files.")
 _FORCE = flags.DEFINE_bool("force", False, "Overwrite a non-empty output directory.")
 flags.DEFINE_alias("open-clip", "open_clip")
 flags.DEFINE_alias("image-size", "image_size")
@@ -80,7 +82,8 @@ def main(argv) -> None:
     if _TO_HF.value:
         if backbone.save_hf is None:
             _usage_error(f"the {backbone.family} family has no Hugging Face export")
-        path = backbone.save_hf(model, _TO_HF.value)
+        extra = {"tokenizer_file": _TOKENIZER_FILE.value} if _TOKENIZER_FILE.value else {}
+        path = backbone.save_hf(model, _TO_HF.value, **extra)
         print(f"wrote Hugging Face {backbone.hf_architecture} + processor {path}  (load: transformers."
               f"{backbone.hf_architecture}.from_pretrained({str(path)!r}), AutoProcessor.from_pretrained("
               f"{str(path)!r}, backend='pil'))")

@@ -16,6 +16,7 @@ Only the keys a config needs are present (``required_outputs(config)`` lists the
   concept_embed        (K, E)     concept vocabulary (RegionCLIP)
   lexeme_vocab_embed   (V, E)     lexeme vocabulary (LRC with ``lrc_negatives="vocab"``)
   logit_scale          ()         log of the contrastive scale, as in CLIP (scale = exp(logit_scale))
+  logit_bias           ()         SigLIP's logit bias (the sigmoid form of gc only)
 
 ``batch`` holds ``box_mask (B, T) bool`` (which region slots are real) and ``lexeme_id (B, T) int``
 (the lexeme's identity: equal ids = the same lexeme string; with vocabulary negatives it indexes
@@ -37,14 +38,16 @@ selected by one config field, and the other config fields it reads (``LossOption
 ``total_loss`` are all read off it. To add a term: write its loss function, add one ``LossTerm``
 (or one ``LossVariant`` to an existing term) to ``LOSS_TERMS``; a new model output also needs its
 producer in the trainer. Image-text scores go through ``scaled_cosine_logits`` (CLIP's
-exp(logit_scale) * cos), so e.g. a sigmoid (SigLIP) GC would be one more variant of ``gc``, selected
-by a new option field, reading an extra ``logit_bias`` output.
+exp(logit_scale) * cos); the sigmoid (SigLIP) GC is the variant of ``gc`` selected by the optional field
+``global_form`` (absent from the default configs: "softmax"), reading the extra ``logit_bias`` output.
 
 Terms (``total_loss`` returns each one unweighted, plus ``total``):
-  gc      symmetric InfoNCE image <-> caption (open_clip ClipLoss formula).
+  gc      symmetric InfoNCE image <-> caption (open_clip ClipLoss formula), or with ``global_form="sigmoid"``
+          SigLIP's pairwise sigmoid loss (open_clip SigLipLoss; needs the model's ``logit_bias``).
   lrc     Lexeme-Region Contrastive: regions <-> lexemes, symmetric InfoNCE over the valid regions of
           the global batch; same-lexeme pairs are extra positives (or masked out of the negatives); or
-          regions classified against a fixed lexeme vocabulary.
+          regions classified against a fixed lexeme vocabulary; with ``lrc_form="sigmoid"`` the pairwise
+          sigmoid loss over the same pairs (SigLIP models).
   gr      Global-Region alignment, variant a (region <-> region caption InfoNCE, = FineCLIP's L_RC),
           b (masked-mean pooled regions of an image <-> its global caption, InfoNCE over the batch) or
           c (1 - cos(region, stop_grad(student crop))).
@@ -58,6 +61,7 @@ Terms (``total_loss`` returns each one unweighted, plus ``total``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from typing import Any, Callable, Mapping
 
@@ -78,6 +82,10 @@ __all__ = [
     "scaled_cosine_logits",
     "masked_info_nce",
     "global_contrastive_loss",
+    "sigmoid_contrastive_loss",
+    "sigmoid_contrastive_loss_ring",
+    "masked_sigmoid_loss",
+    "sharded_sigmoid_loss",
     "lexeme_region_contrastive_loss",
     "lexeme_vocab_contrastive_loss",
     "region_caption_loss",
@@ -174,6 +182,68 @@ def masked_info_nce(queries, keys, logit_scale, valid=None, positive=None, negat
     q_to_k = _multi_positive_nce(jnp.where(allowed, logits, -jnp.inf), valid, valid, positive & allowed)
     k_to_q = _multi_positive_nce(jnp.where(allowed.T, logits.T, -jnp.inf), valid, valid, positive.T & allowed.T)
     return (q_to_k + k_to_q) / 2
+
+
+def sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias):
+    """SigLIP: -sum_{i,j} log sigmoid(z_ij * (exp(logit_scale) * cos_ij + logit_bias)) / B, z = +1 on the diagonal
+    (image i with caption i), -1 elsewhere: every pair is an independent binary problem (open_clip SigLipLoss)."""
+    logits = scaled_cosine_logits(image_embed, text_embed, logit_scale) + logit_bias
+    signs = 2.0 * jnp.eye(logits.shape[0], logits.shape[1], dtype=logits.dtype) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / image_embed.shape[0]
+
+
+def masked_sigmoid_loss(queries, keys, logit_scale, logit_bias, valid=None, positive=None, negative=None):
+    """The pairwise sigmoid loss between paired sets ``queries[i] <-> keys[i]`` with ``masked_info_nce``'s masks:
+    -sum log sigmoid(z * (exp(logit_scale) * cos + logit_bias)) over valid pairs / the number of valid items, z = +1
+    for positives (the diagonal and ``positive``), -1 for the allowed negatives; other pairs do not count."""
+    n = queries.shape[0]
+    valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
+    eye = jnp.eye(n, dtype=bool)
+    positive = eye if positive is None else (positive.astype(bool) | eye)
+    allowed = jnp.ones((n, n), bool) if negative is None else (negative.astype(bool) | positive)
+    pairs = allowed & valid[:, None] & valid[None, :]
+    logits = scaled_cosine_logits(queries, keys, logit_scale) + logit_bias
+    per_pair = jax.nn.log_sigmoid(jnp.where(positive, logits, -logits))
+    return -jnp.sum(jnp.where(pairs, per_pair, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def sigmoid_contrastive_loss_ring(image_embed, text_embed, logit_scale, logit_bias, axis_name: str = "data"):
+    """``sigmoid_contrastive_loss`` of the global batch, called inside ``shard_map`` over ``axis_name``.
+
+    Images stay on their device; the text blocks travel around the ring (``ppermute`` to the next device, n - 1
+    times), so a device holds one (b, b) logits block at a time instead of the (b, n*b) block of the gathered form,
+    and every block is recomputed in the backward pass (``jax.checkpoint``) rather than stored (big_vision's chunked
+    sigmoid loss). Only the first block, the device's own texts, holds positives. Returns the global value on every
+    device (the pair sum over all devices / the global batch).
+    """
+    n = jax.lax.axis_size(axis_name)
+    images, scale = l2_normalize(image_embed), jnp.exp(logit_scale)
+
+    @jax.checkpoint
+    def block(texts, signs):
+        logits = scale * images @ l2_normalize(texts).T + logit_bias
+        return -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+
+    b = images.shape[0]
+    eye = jnp.eye(b, text_embed.shape[0], dtype=jnp.float32)
+    ring = [(i, (i + 1) % n) for i in range(n)]
+
+    def step(carry, _):  # a loop, not unrolled: XLA then keeps one block's buffers live, whatever n is
+        texts, total = carry
+        texts = jax.lax.ppermute(texts, axis_name, ring)
+        return (texts, total + block(texts, -jnp.ones_like(eye))), None
+
+    (_, total), _ = jax.lax.scan(step, (text_embed, block(text_embed, 2.0 * eye - 1.0)), None, length=n - 1)
+    return jax.lax.psum(total, axis_name) / (b * n)
+
+
+def sharded_sigmoid_loss(mesh, image_embed, text_embed, logit_scale, logit_bias, axis_name: str = "data"):
+    """The ring form on ``mesh``: embeddings sharded over ``axis_name`` (batch axis), scale and bias replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    fn = jax.shard_map(functools.partial(sigmoid_contrastive_loss_ring, axis_name=axis_name), mesh=mesh,
+                       in_specs=(P(axis_name), P(axis_name), P(), P()), out_specs=P())
+    return fn(image_embed, text_embed, logit_scale, logit_bias)
 
 
 def _flatten_regions(x):
@@ -297,6 +367,9 @@ class LossOption:
     field: str
     default: Any
     choices: tuple | None = None  # allowed values; None: not checked here (ConfigDict keeps the default's type)
+    # Optional fields are left out of the default configs (configs and workdirs written before the field existed
+    # stay as they were) and read with their default when absent.
+    optional: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +404,10 @@ class LossTerm:
     variants: Mapping[str, LossVariant]
     select: str = ""
     options: tuple[LossOption, ...] = ()
+    # An optional second selector (a field absent from the default configs, see LossOption.optional) whose
+    # non-default values replace the variant `select` chose: `form` names the field and its default value.
+    form: tuple[str, str] | None = None
+    form_variants: Mapping[str, LossVariant] = dataclasses.field(default_factory=dict)
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -338,20 +415,27 @@ class LossTerm:
         freeze = types.MappingProxyType
         object.__setattr__(self, "weights", freeze(dict(self.weights)))
         object.__setattr__(self, "variants", freeze(dict(self.variants)))
+        object.__setattr__(self, "form_variants", freeze(dict(self.form_variants)))
         object.__setattr__(self, "presets", freeze({m: freeze(dict(p)) for m, p in self.presets.items()}))
 
     def all_options(self) -> tuple[LossOption, ...]:
         """Every config field this term owns: the variant selector first, then ``options``."""
         selector = (LossOption(self.select, next(iter(self.variants)), tuple(self.variants)),) if self.select else ()
+        if self.form:
+            field, default = self.form
+            selector += (LossOption(field, default, (default, *self.form_variants), optional=True),)
         return selector + self.options
 
     def defaults(self, method: str) -> dict[str, Any]:
         """The config fields this term owns, with their default values for ``method``."""
         preset = self.presets.get(method, {})
-        return {opt.field: preset.get(opt.field, opt.default) for opt in self.all_options()}
+        return {opt.field: preset.get(opt.field, opt.default) for opt in self.all_options()
+                if not opt.optional or opt.field in preset}
 
     def variant(self, config) -> LossVariant:
         """The variant ``config`` selects."""
+        if self.form and config.get(self.form[0], self.form[1]) != self.form[1]:
+            return self.form_variants[config[self.form[0]]]
         return self.variants[config[self.select] if self.select else ""]
 
 
@@ -362,10 +446,22 @@ def _gc(o, b, c):
     return global_contrastive_loss(o["image_embed"], o["text_embed"], o["logit_scale"])
 
 
+def _gc_sigmoid(o, b, c):
+    return sigmoid_contrastive_loss(o["image_embed"], o["text_embed"], o["logit_scale"], o["logit_bias"])
+
+
 def _lrc_batch(o, b, c):
     return lexeme_region_contrastive_loss(
         o["region_embed"], o["lexeme_embed"], b["box_mask"], b["lexeme_id"], o["logit_scale"], c.lrc_duplicates
     )
+
+
+def _lrc_sigmoid(o, b, c):
+    ids = b["lexeme_id"].reshape(-1)
+    same = ids[:, None] == ids[None, :]
+    positive, negative = (same, None) if c.lrc_duplicates == "positive" else (None, ~same)
+    return masked_sigmoid_loss(_flatten_regions(o["region_embed"]), _flatten_regions(o["lexeme_embed"]),
+                               o["logit_scale"], o["logit_bias"], b["box_mask"].reshape(-1), positive, negative)
 
 
 def _lrc_vocab(o, b, c):
@@ -409,6 +505,10 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
     LossTerm(
         "gc", weights={"harmoclip": 1.0, "clip": 1.0, "fineclip": 1.0},
         variants={"": LossVariant(("image_embed", "text_embed", "logit_scale"), (), _gc)},
+        form=("global_form", "softmax"),
+        form_variants={
+            "sigmoid": LossVariant(("image_embed", "text_embed", "logit_scale", "logit_bias"), (), _gc_sigmoid),
+        },
     ),
     LossTerm(
         "lrc", weights={"harmoclip": 1.0}, select="lrc_negatives",
@@ -417,6 +517,11 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
             "vocab": LossVariant(("region_embed", "lexeme_vocab_embed", "logit_scale"), _MASK_IDS, _lrc_vocab),
         },
         options=(LossOption("lrc_duplicates", "positive", _LRC_DUPLICATES),),
+        form=("lrc_form", "softmax"),
+        form_variants={
+            "sigmoid": LossVariant(("region_embed", "lexeme_embed", "logit_scale", "logit_bias"), _MASK_IDS,
+                                   _lrc_sigmoid),
+        },
     ),
     LossTerm(
         "gr", weights={"harmoclip": 1.0}, select="gr_variant",
@@ -490,8 +595,8 @@ def default_loss_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     return config
 
 
-def _check_choice(config, field, choices):
-    value = config[field]
+def _check_choice(config, field, choices, default=None):
+    value = config.get(field, default)
     if value not in choices:
         raise ValueError(f"loss config: {field}={value!r} is not one of {choices}")
 
@@ -505,7 +610,12 @@ def validate_loss_config(config) -> None:
     for term in LOSS_TERMS:
         for opt in term.all_options():
             if opt.choices is not None:
-                _check_choice(config, opt.field, opt.choices)
+                _check_choice(config, opt.field, opt.choices, opt.default)
+        # A form replaces the default variant only (the sigmoid LRC has in-batch negatives, not the vocabulary).
+        if term.form and term.select and config.get(term.form[0], term.form[1]) != term.form[1] \
+                and config[term.select] != next(iter(term.variants)):
+            raise ValueError(f"loss config: {term.form[0]}={config[term.form[0]]!r} needs {term.select}="
+                             f"{next(iter(term.variants))!r}, not {config[term.select]!r}")
     if not any(float(config.weights[t]) != 0.0 for t in config.weights.keys()):
         raise ValueError("loss config: every loss weight is zero; enable at least one term")
 

@@ -15,6 +15,10 @@ Backends:
   * `Tokenizer.from_hf_dir(path)` - the vocab.json/merges.txt (or tokenizer.json) of a Hugging Face
     CLIP checkpoint directory, through `transformers.CLIPTokenizer`.
 
+SigLIP (`SentencePieceTokenizer`, name "siglip"): a SentencePiece model read from the checkpoint's spiece.model,
+with transformers' SiglipTokenizer normalisation and ids, 64 tokens padded with "</s>". A run names the file in
+`config.model.tokenizer_file` (`get_tokenizer("siglip:<file>")`); plain "siglip" reads $HARMOCLIP_SIGLIP_TOKENIZER.
+
 Hugging Face files: `clip_bpe()` reads that same vocabulary back out of `instant-clip-tokenizer` (vocab +
 merges in HF's layout) and `save_hf_tokenizer(path)` writes a `CLIPTokenizer` directory from it whose
 ids equal `tokenize`'s for ordinary text: padding "!" (id 0), truncation keeping EOT last, and
@@ -37,6 +41,8 @@ import html
 import json
 import os
 import pathlib
+import re
+import string
 from collections.abc import Iterable, Sequence
 
 import ftfy
@@ -329,14 +335,95 @@ def default_tokenizer() -> Tokenizer:
     return Tokenizer.default()
 
 
-# Tokenizers by name (`Backbone.tokenizer`, the pipeline's `config.data.tokenizer`): name -> shared instance.
-TOKENIZERS = {"clip": default_tokenizer}
+# ---------------------------------------------------------------------------------------------- SigLIP
+
+SIGLIP_CONTEXT_LENGTH = 64
+SIGLIP_TOKENIZER_ENV = "HARMOCLIP_SIGLIP_TOKENIZER"
+_SPIECE_UNDERLINE = "\u2581"
+_ASCII_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def siglip_canonicalize(text: str) -> str:
+    """SigLIP's text normalisation (big_vision, transformers' SiglipTokenizer): lowercase, drop ASCII punctuation,
+    collapse whitespace runs to one space, strip."""
+    return re.sub(r"\s+", " ", text.lower().translate(_ASCII_PUNCTUATION)).strip()
+
+
+class SentencePieceTokenizer:
+    """SigLIP's tokenizer: a SentencePiece model read from a file (no network), ids equal to transformers'
+    `SiglipTokenizer(text, padding="max_length", truncation=True, max_length=L, split_special_tokens=True)`.
+
+    Each text: "\u2581" + text (with "\u2581" in the text turned into spaces), `siglip_canonicalize`, SentencePiece
+    pieces (encoded behind the unknown-token piece and cut after it, as transformers does, so the model's dummy
+    prefix does not depend on the text's first character), then "</s>"; cut to L - 1 pieces + "</s>" when longer,
+    padded with "</s>" (SigLIP's pad = eos, id 1 in the released models). Special-token literals in a caption
+    ("</s>") stay plain text, as in big_vision (transformers matches them unless `split_special_tokens=True`).
+    """
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece as spm
+
+        path = pathlib.Path(model_file)
+        if path.is_dir():
+            path = path / "spiece.model"
+        if not path.is_file():
+            raise FileNotFoundError(f"SigLIP tokenizer: no SentencePiece model at {path} (give the spiece.model file "
+                                    "or the Hugging Face checkpoint directory holding it)")
+        self.model_file = str(path)
+        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        self.name = f"siglip:{self.model_file}"
+        self.vocab_size = self._sp.get_piece_size()
+        self.unk_token = self._sp.unk_id()
+        self._unk_piece = self._sp.id_to_piece(self.unk_token)
+        self._unk_length = len(self._sp.encode(self._unk_piece, out_type=str))
+        self.eot_token = self.pad_token = self._sp.piece_to_id("</s>")
+        if self.eot_token == self.unk_token:
+            raise ValueError(f"SigLIP tokenizer: {path} has no '</s>' piece; not a SigLIP SentencePiece model")
+
+    def __reduce__(self):  # grain's workers pickle the pipeline's transforms; the C++ processor cannot be pickled
+        return SentencePieceTokenizer, (self.model_file,)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one text without "</s>"."""
+        text = siglip_canonicalize(_SPIECE_UNDERLINE + text.replace(_SPIECE_UNDERLINE, " "))
+        pieces = self._sp.encode(self._unk_piece + text, out_type=str)
+        pieces = pieces[self._unk_length:] if len(pieces) >= self._unk_length else pieces
+        return [self._sp.piece_to_id(p) for p in pieces]
+
+    def __call__(self, texts: str | Sequence[str], context_length: int = SIGLIP_CONTEXT_LENGTH) -> np.ndarray:
+        context_length = _check_context_length(context_length)
+        out = np.full((len(texts := _as_text_list(texts)), context_length), self.pad_token, np.int32)
+        for row, text in enumerate(texts):
+            ids = self.encode(text)[:context_length - 1] + [self.eot_token]
+            out[row, :len(ids)] = ids
+        return out
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids if int(i) != self.pad_token])
+
+
+@functools.lru_cache(maxsize=8)
+def siglip_tokenizer(model_file: str | None = None) -> SentencePieceTokenizer:
+    """The SigLIP tokenizer of `model_file` (a spiece.model or the HF directory holding it); without one, the file
+    named by the environment variable HARMOCLIP_SIGLIP_TOKENIZER. Training configs name it in
+    `config.model.tokenizer_file` (the pipeline then asks for the tokenizer "siglip:<file>")."""
+    model_file = model_file or os.environ.get(SIGLIP_TOKENIZER_ENV)
+    if not model_file:
+        raise ValueError("the siglip tokenizer needs its SentencePiece model: set config.model.tokenizer_file (or the "
+                         f"environment variable {SIGLIP_TOKENIZER_ENV}) to the checkpoint's spiece.model")
+    return SentencePieceTokenizer(model_file)
+
+
+# Tokenizers by name (`Backbone.tokenizer`, the pipeline's `config.data.tokenizer`): name -> shared instance. A name
+# may carry an argument after ":" ("siglip:/ckpt/spiece.model"), handed to the factory.
+TOKENIZERS = {"clip": default_tokenizer, "siglip": siglip_tokenizer}
 
 
 def get_tokenizer(name: str) -> Tokenizer:
-    if name not in TOKENIZERS:
+    family, _, argument = name.partition(":")
+    if family not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; known: {', '.join(sorted(TOKENIZERS))}")
-    return TOKENIZERS[name]()
+    return TOKENIZERS[family](argument) if argument else TOKENIZERS[family]()
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:

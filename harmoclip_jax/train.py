@@ -103,6 +103,11 @@ def compute_outputs(model: ImageTextModel, teacher: ImageTextModel | None, batch
                 model.encode_text(consts[f"{name}_tokens"])
     if "logit_scale" in needed:
         out["logit_scale"] = model.logit_scale[...]
+    if "logit_bias" in needed:  # sigmoid (SigLIP) losses
+        if getattr(model, "logit_bias", None) is None:
+            raise ValueError(f"config.loss.global_form='sigmoid' needs a model with a logit_bias (the siglip family), "
+                             f"not {type(model).__name__}")
+        out["logit_bias"] = model.logit_bias[...]
     return out
 
 
@@ -149,7 +154,7 @@ class Trainer:
 
     def tokenize(self, texts) -> np.ndarray:
         """Token ids of `texts` for this model (its family's tokenizer at config.model.context_length)."""
-        return get_tokenizer(self.glue.backbone.tokenizer)(list(texts), self.config.model.context_length)
+        return get_tokenizer(config_lib.tokenizer_name(self.config))(list(texts), self.config.model.context_length)
 
     def eval_fns(self) -> evaluators.EvalFns:
         glue, region = self.glue, self.config.region

@@ -120,7 +120,7 @@ class Predictor:
 
     def __init__(self, model: ImageTextModel, *, region: ml_collections.ConfigDict | dict | None = None,
                  templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 8, text_batch_size: int = 64,
-                 box_bucket: int = 8, source: str = ""):
+                 box_bucket: int = 8, source: str = "", tokenizer: str | None = None):
         for name, value in (("batch_size", batch_size), ("text_batch_size", text_batch_size),
                             ("box_bucket", box_bucket)):
             if int(value) < 1:
@@ -128,6 +128,7 @@ class Predictor:
         self.model = model
         self.config = model.config
         self.backbone = registry.of_model(model)
+        self.tokenizer = tokenizer or self.backbone.tokenizer  # a get_tokenizer name ("siglip:<spiece.model>")
         self.region = ml_collections.ConfigDict(dict(region) if region is not None else default_region_config())
         self.templates = check_templates(templates)
         self.batch_size, self.text_batch_size, self.box_bucket = int(batch_size), int(text_batch_size), int(box_bucket)
@@ -189,6 +190,11 @@ class Predictor:
                 model, source = workdir_lib.load_model(path, step, **overrides)
             except FileNotFoundError as error:
                 raise InputError(str(error)) from error
+            from harmoclip_jax import config_lib
+
+            run_config = workdir_lib.read_config(path)
+            if run_config is not None and "model" in run_config:  # the run's tokenizer (its SentencePiece file)
+                kwargs.setdefault("tokenizer", config_lib.tokenizer_name(run_config))
             return cls(model, region=workdir_lib.region_config(path), source=source, **kwargs)
         if (path / workdir_lib.CONFIG).exists():
             return cls.from_hf(path, dtype=dtype, **kwargs)
@@ -265,7 +271,7 @@ class Predictor:
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids for this model: its family's tokenizer at its text context length."""
-        return get_tokenizer(self.backbone.tokenizer)(list(texts), self.config.text.context_length)
+        return get_tokenizer(self.tokenizer)(list(texts), self.config.text.context_length)
 
     def encode_texts(self, texts: Sequence[str], *, normalize: bool = True) -> np.ndarray:
         """(N, E) text embeddings (tokenized with the model family's tokenizer at the model's context length)."""

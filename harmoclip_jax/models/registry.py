@@ -5,12 +5,13 @@ import json
 import os
 import pathlib
 
-from harmoclip_jax.models import clip, eva02
+from harmoclip_jax.models import clip, eva02, siglip
 from harmoclip_jax.models.backbone import Backbone
 
 _BACKBONES: dict[str, Backbone] = {
     "clip": clip.BACKBONE,
     "eva02_clip": eva02.BACKBONE,
+    "siglip": siglip.BACKBONE,
 }
 
 
