@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -28,9 +29,11 @@ LEGACY_CLIP_FILE = "clip_config.json"
 PARAMS_DIR = "params"
 
 
-def save_params(model, directory: str | os.PathLike, *, force: bool = False) -> pathlib.Path:
+def save_params(model, directory: str | os.PathLike, *, force: bool = False,
+                tokenizer_file: str | os.PathLike | None = None) -> pathlib.Path:
     """Writes `model`'s parameters, family and architecture to `directory` (created; must not exist unless
-    `force`)."""
+    `force`), and a copy of `tokenizer_file` for families whose tokenizer ships with the weights
+    (`Backbone.tokenizer_file`: SigLIP's spiece.model), so the checkpoint is complete on its own."""
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()) and not force:
         raise FileExistsError(f"{directory} exists and is not empty; pass force=True (--force) to overwrite")
@@ -40,6 +43,8 @@ def save_params(model, directory: str | os.PathLike, *, force: bool = False) -> 
         ckptr.save(directory / PARAMS_DIR, glue.params_of(model), force=True)
         ckptr.wait_until_finished()
     (directory / LEGACY_CLIP_FILE).unlink(missing_ok=True)
+    if tokenizer_file is not None and backbone.tokenizer_file:
+        shutil.copyfile(tokenizer_file, directory / backbone.tokenizer_file)
     (directory / MODEL_FILE).write_text(json.dumps({"family": backbone.family, "config": model.config.to_dict()},
                                                    indent=2))
     return directory

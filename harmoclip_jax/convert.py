@@ -13,6 +13,7 @@ to ours; see models.convert.save_hf_clip).
 """
 from __future__ import annotations
 
+import pathlib
 import time
 
 from absl import flags
@@ -29,8 +30,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Target image size; resiz
 _OUT = flags.DEFINE_string("out", None, "Output params checkpoint directory.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Output Hugging Face directory (export): model, tokenizer and processor "
                              "files.")
-_TOKENIZER_FILE = flags.DEFINE_string("tokenizer_file", None, "With --to_hf for SigLIP: the SentencePiece model "
-                                      "(spiece.model) to write as the export's SiglipTokenizer files.")
+_TOKENIZER_FILE = flags.DEFINE_string("tokenizer_file", None, "SigLIP: the SentencePiece model (spiece.model) to "
+                                      "copy into the outputs (default: the --hf / --params directory's own).")
 _FORCE = flags.DEFINE_bool("force", False, "Overwrite a non-empty output directory.")
 flags.DEFINE_alias("open-clip", "open_clip")
 flags.DEFINE_alias("image-size", "image_size")
@@ -76,13 +77,21 @@ def main(argv) -> None:
               f"{v.image_size // v.patch_size} grid")
     if not (_OUT.value or _TO_HF.value):
         _usage_error("give --out (params checkpoint) and/or --to_hf (Hugging Face directory)")
+    # Families whose tokenizer ships with the weights (SigLIP's spiece.model): --tokenizer_file, else the source
+    # directory's own copy travels into the outputs.
+    tokenizer_file = _TOKENIZER_FILE.value
+    source_dir = _HF.value or _PARAMS.value
+    if not tokenizer_file and backbone.tokenizer_file and source_dir:
+        candidate = pathlib.Path(source_dir) / backbone.tokenizer_file
+        tokenizer_file = str(candidate) if candidate.is_file() else None
+    extra = {"tokenizer_file": tokenizer_file} if tokenizer_file and backbone.tokenizer_file else {}
     if _OUT.value:
-        path = checkpoint.save_params(model, _OUT.value, force=_FORCE.value)
-        print(f"wrote params checkpoint {path}  (load: harmoclip_jax.checkpoint.load_params({str(path)!r}))")
+        path = checkpoint.save_params(model, _OUT.value, force=_FORCE.value, **extra)
+        print(f"wrote params checkpoint {path}  (load: harmoclip_jax.checkpoint.load_params({str(path)!r}))"
+              + (f"; tokenizer {path / backbone.tokenizer_file}" if extra else ""))
     if _TO_HF.value:
         if backbone.save_hf is None:
             _usage_error(f"the {backbone.family} family has no Hugging Face export")
-        extra = {"tokenizer_file": _TOKENIZER_FILE.value} if _TOKENIZER_FILE.value else {}
         path = backbone.save_hf(model, _TO_HF.value, **extra)
         print(f"wrote Hugging Face {backbone.hf_architecture} + processor {path}  (load: transformers."
               f"{backbone.hf_architecture}.from_pretrained({str(path)!r}), AutoProcessor.from_pretrained("

@@ -17,7 +17,7 @@ Backends:
 
 SigLIP (`SentencePieceTokenizer`, name "siglip"): a SentencePiece model read from the checkpoint's spiece.model,
 with transformers' SiglipTokenizer normalisation and ids, 64 tokens padded with "</s>". A run names the file in
-`config.model.tokenizer_file` (`get_tokenizer("siglip:<file>")`); plain "siglip" reads $HARMOCLIP_SIGLIP_TOKENIZER.
+`config.model.tokenizer_file` (`get_tokenizer("siglip:<file>")`); a Hugging Face directory brings its own.
 
 Hugging Face files: `clip_bpe()` reads that same vocabulary back out of `instant-clip-tokenizer` (vocab +
 merges in HF's layout) and `save_hf_tokenizer(path)` writes a `CLIPTokenizer` directory from it whose
@@ -338,7 +338,6 @@ def default_tokenizer() -> Tokenizer:
 # ---------------------------------------------------------------------------------------------- SigLIP
 
 SIGLIP_CONTEXT_LENGTH = 64
-SIGLIP_TOKENIZER_ENV = "HARMOCLIP_SIGLIP_TOKENIZER"
 _SPIECE_UNDERLINE = "\u2581"
 _ASCII_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -404,13 +403,11 @@ class SentencePieceTokenizer:
 
 @functools.lru_cache(maxsize=8)
 def siglip_tokenizer(model_file: str | None = None) -> SentencePieceTokenizer:
-    """The SigLIP tokenizer of `model_file` (a spiece.model or the HF directory holding it); without one, the file
-    named by the environment variable HARMOCLIP_SIGLIP_TOKENIZER. Training configs name it in
-    `config.model.tokenizer_file` (the pipeline then asks for the tokenizer "siglip:<file>")."""
-    model_file = model_file or os.environ.get(SIGLIP_TOKENIZER_ENV)
+    """The SigLIP tokenizer of `model_file` (a spiece.model or the HF directory holding it). Training configs name
+    it in `config.model.tokenizer_file` (the pipeline then asks for the tokenizer "siglip:<file>")."""
     if not model_file:
-        raise ValueError("the siglip tokenizer needs its SentencePiece model: set config.model.tokenizer_file (or the "
-                         f"environment variable {SIGLIP_TOKENIZER_ENV}) to the checkpoint's spiece.model")
+        raise ValueError("the siglip tokenizer needs its SentencePiece model: set config.model.tokenizer_file to the "
+                         "checkpoint's spiece.model (or pass tokenizer='siglip:<file>' to the Predictor)")
     return SentencePieceTokenizer(model_file)
 
 

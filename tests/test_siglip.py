@@ -359,7 +359,7 @@ HARD_TEXTS = ["", " ", "a photo of a cat", "  Hello,   WORLD!!  ", "A red circle
               "\u00a0nbsp\u2003em", "日本語のテキスト", "it's 3.14 o'clock (approx.) -- \"quoted\" & <tags>"]
 
 
-def test_tokenizer_ids_equal_transformers_siglip_tokenizer(spm_file, tmp_path, monkeypatch):
+def test_tokenizer_ids_equal_transformers_siglip_tokenizer(spm_file, tmp_path):
     _torch()
     from transformers import SiglipTokenizer
 
@@ -377,7 +377,6 @@ def test_tokenizer_ids_equal_transformers_siglip_tokenizer(spm_file, tmp_path, m
     import pickle
 
     assert np.array_equal(pickle.loads(pickle.dumps(ours))(HARD_TEXTS, 64), ours(HARD_TEXTS, 64))  # grain workers
-    monkeypatch.delenv(tk.SIGLIP_TOKENIZER_ENV, raising=False)
     with pytest.raises(ValueError, match="tokenizer_file"):
         tk.siglip_tokenizer.__wrapped__(None)
 
@@ -422,13 +421,12 @@ def _train_config(total_steps, spm):
     return c
 
 
-def test_tiny_siglip_trains_on_scenes_resumes_and_predicts(tmp_path, monkeypatch):
+def test_tiny_siglip_trains_on_scenes_resumes_and_predicts(tmp_path):
     from harmoclip_jax import checkpoint, train
     from harmoclip_jax import workdir as workdir_lib
     from harmoclip_jax.inference import Predictor
     from harmoclip_jax.metrics_writer import read_metrics
 
-    monkeypatch.delenv(tk.SIGLIP_TOKENIZER_ENV, raising=False)  # the file must come from the run's config
     spm = _scenes_spm(tmp_path / "spm")
     workdir = tmp_path / "run"
     metrics = train.train_and_evaluate(_train_config(3, spm), workdir)
@@ -494,3 +492,24 @@ def test_sigmoid_lrc_against_numpy(rng):
     config.lrc_negatives = "vocab"
     with pytest.raises(ValueError, match="lrc_form='sigmoid' needs lrc_negatives='batch'"):
         L.required_outputs(config)
+
+
+def test_the_sentencepiece_model_travels_with_the_weights(spm_file, tmp_path):
+    """HF dir (with spiece.model) -> params checkpoint -> HF export: each carries the tokenizer, and the Predictor of
+    each tokenizes with it, no tokenizer argument needed."""
+    from flax import nnx
+
+    from harmoclip_jax.inference import Predictor
+    from harmoclip_jax.models.convert_siglip import save_hf_siglip
+
+    save_hf_siglip(siglip.SigLIP("SigLIP-test-tiny", rngs=nnx.Rngs(0)), tmp_path / "hf", tokenizer_file=spm_file)
+    _convert_cli(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "params")])
+    assert (tmp_path / "params" / "spiece.model").read_bytes() == spm_file.read_bytes()
+    _convert_cli(["--params", str(tmp_path / "params"), "--to_hf", str(tmp_path / "export")])
+    assert (tmp_path / "export" / "spiece.model").read_bytes() == spm_file.read_bytes()
+    want = tk.get_tokenizer(f"siglip:{spm_file}")(HARD_TEXTS, 16)
+    for source, load in (("hf", Predictor.from_hf), ("params", Predictor.from_checkpoint),
+                         ("export", Predictor.from_hf)):
+        predictor = load(tmp_path / source)
+        assert predictor.tokenizer == f"siglip:{tmp_path / source / 'spiece.model'}", source
+        np.testing.assert_array_equal(predictor.tokenize(HARD_TEXTS), want)

@@ -183,8 +183,10 @@ class Predictor:
             raise InputError(f"checkpoint {str(path)!r} is a file; for an open_clip / OpenAI state dict use "
                              "Predictor.from_open_clip(path, variant) (CLI: --open_clip FILE --variant ViT-B/16)")
         if ckpt_lib.is_params_checkpoint(path):
-            return cls(ckpt_lib.load_params(path, **overrides), region=workdir_lib.region_config(path.parent),
-                       source=f"params checkpoint {path}", **kwargs)
+            model = ckpt_lib.load_params(path, **overrides)
+            kwargs.setdefault("tokenizer", registry.of_model(model).tokenizer_in(path))
+            return cls(model, region=workdir_lib.region_config(path.parent), source=f"params checkpoint {path}",
+                       **kwargs)
         if workdir_lib.is_workdir(path):
             try:
                 model, source = workdir_lib.load_model(path, step, **overrides)
@@ -214,6 +216,7 @@ class Predictor:
             model = backbone.load_hf(path, **overrides)
         except (FileNotFoundError, ValueError) as error:
             raise InputError(str(error)) from error
+        kwargs.setdefault("tokenizer", backbone.tokenizer_in(path))  # SigLIP: the directory's spiece.model
         return cls(model, source=f"Hugging Face {backbone.hf_architecture} {path}", **kwargs)
 
     @classmethod

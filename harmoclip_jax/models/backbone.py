@@ -50,6 +50,9 @@ class Backbone:
       config_from_dict: inverse of `config.to_dict()` (checkpoints store the dict).
       image_mean / image_std: per-channel RGB normalisation of [0, 1] pixels the model was trained with.
       tokenizer: name in `harmoclip_jax.tokenizer.TOKENIZERS`.
+      tokenizer_file: the file in a checkpoint directory (Hugging Face or params checkpoint) that holds the
+        tokenizer's model, for families whose tokenizer ships with the weights (SigLIP: "spiece.model"); the
+        tokenizer of such a directory is "<tokenizer>:<that file>" (`tokenizer_in`).
       image_tower / text_tower: top-level parameter keys of the two towers.
       no_decay: regexes (full match on '/'-joined parameter paths) of parameters without weight decay, on top of
         every array with fewer than 2 dimensions.
@@ -68,6 +71,7 @@ class Backbone:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     tokenizer: str = "clip"
+    tokenizer_file: str | None = None
     image_tower: str = "visual"
     text_tower: str = "text"
     no_decay: tuple[str, ...] = ()
@@ -86,6 +90,13 @@ class Backbone:
     def in_text_tower(self, path: str) -> bool:
         """Whether the '/'-joined parameter path belongs to the text tower."""
         return path.startswith(f"{self.text_tower}/")
+
+    def tokenizer_in(self, directory) -> str:
+        """The `tokenizer.get_tokenizer` name for a checkpoint directory: with its own tokenizer file if it has one."""
+        import pathlib
+
+        file = pathlib.Path(directory) / self.tokenizer_file if self.tokenizer_file else None
+        return f"{self.tokenizer}:{file}" if file is not None and file.is_file() else self.tokenizer
 
     def config_for(self, model_config) -> Any:
         """The family config of an experiment's `config.model` section."""

@@ -378,6 +378,7 @@ BACKBONE = Backbone(
     image_mean=(0.5, 0.5, 0.5),
     image_std=(0.5, 0.5, 0.5),
     tokenizer="siglip",
+    tokenizer_file="spiece.model",  # SentencePiece model; HF SigLIP directories ship it
     no_decay=(r".*positional_embedding", r".*token_embedding", r".*probe", r"logit_scale", r"logit_bias"),
     probabilities="sigmoid",
     save_hf=lazy("harmoclip_jax.models.convert_siglip", "save_hf_siglip"),
