@@ -68,6 +68,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 __all__ = [
     "METHODS",
@@ -237,8 +238,9 @@ def sigmoid_contrastive_loss_ring(image_embed, text_embed, logit_scale, logit_bi
     return jax.lax.psum(total, axis_name) / (b * n)
 
 
-def sharded_sigmoid_loss(mesh, image_embed, text_embed, logit_scale, logit_bias, axis_name: str = "data"):
-    """The ring form on ``mesh``: embeddings sharded over ``axis_name`` (batch axis), scale and bias replicated."""
+def sharded_sigmoid_loss(mesh, image_embed, text_embed, logit_scale, logit_bias, axis_name: str | tuple = "data"):
+    """The ring form on ``mesh`` (None: the `jax.set_mesh` context's): embeddings sharded over ``axis_name`` (the
+    batch axis or axes), scale and bias replicated."""
     from jax.sharding import PartitionSpec as P
 
     fn = jax.shard_map(functools.partial(sigmoid_contrastive_loss_ring, axis_name=axis_name), mesh=mesh,
@@ -446,8 +448,22 @@ def _gc(o, b, c):
     return global_contrastive_loss(o["image_embed"], o["text_embed"], o["logit_scale"])
 
 
+def _batch_mesh_axes(batch_size: int) -> tuple[str, ...]:
+    """The mesh axes the batch is split over in the current `jax.set_mesh` context (the trainer's
+    `sharding.BATCH_AXES` of size > 1), or () outside a mesh / when the batch does not split evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return axes if axes and batch_size % shards == 0 else ()
+
+
 def _gc_sigmoid(o, b, c):
-    return sigmoid_contrastive_loss(o["image_embed"], o["text_embed"], o["logit_scale"], o["logit_bias"])
+    """On a mesh, the ring form: no device ever holds the global B x B logits (same value and gradient)."""
+    args = (o["image_embed"], o["text_embed"], o["logit_scale"], o["logit_bias"])
+    axes = _batch_mesh_axes(o["image_embed"].shape[0])
+    return sharded_sigmoid_loss(None, *args, axis_name=axes) if axes else sigmoid_contrastive_loss(*args)
 
 
 def _lrc_batch(o, b, c):

@@ -294,6 +294,35 @@ def test_ring_sigmoid_loss_equals_single_device_value_and_gradient(rng):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2), (2, 4)])
+def test_the_trainer_gc_term_takes_the_ring_form_on_a_mesh(rng, mesh_shape):
+    """`total_loss` with global_form="sigmoid" under the trainer's mesh context: the ring (collective-permute in the
+    compiled step, the batch split over data x fsdp), same value and gradient as without a mesh."""
+    from harmoclip_jax import sharding
+
+    cfg = L.default_loss_config("clip")
+    cfg.global_form = "sigmoid"
+    img = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+    txt = jnp.asarray(img + 0.5 * rng.standard_normal((16, 8)), jnp.float32)
+
+    def loss(img, txt, scale, bias):
+        out = {"image_embed": img, "text_embed": txt, "logit_scale": scale, "logit_bias": bias}
+        return L.total_loss(cfg, out, {})[0]
+
+    args = (img, txt, jnp.float32(np.log(10.0)), jnp.float32(-3.0))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    want_value, want_grads = step(*args)
+    mesh = sharding.make_mesh([("data", mesh_shape[0]), ("fsdp", mesh_shape[1])])
+    with jax.set_mesh(mesh):
+        batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+        sharded = (jax.device_put(img, batch), jax.device_put(txt, batch), *args[2:])
+        assert "collective-permute" in step.lower(*sharded).compile().as_text()
+        value, grads = step(*sharded)
+    assert abs(float(value) - float(want_value)) <= 1e-5 * abs(float(want_value))
+    for a, b in zip(grads, want_grads):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def _gathered_sigmoid_loss(mesh, img, txt, scale, bias):
     """The gathered form: every device scores its images against all texts (all_gather), (b, n*b) logits."""
     from jax.sharding import PartitionSpec as P
