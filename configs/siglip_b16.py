@@ -7,9 +7,10 @@ global loss, from a converted checkpoint.
 
 Needs, besides the COCO datasets of configs/vitb16.py:
   * a converted checkpoint: python -m harmoclip_jax.convert --hf HF_DIR --out PARAMS_DIR (a HF SiglipModel
-    directory; an open_clip file works too: --open_clip FILE --variant ViT-B-16-SigLIP --family siglip);
-  * the SentencePiece model of that checkpoint, HF_DIR/spiece.model (`config.model.tokenizer_file`; the pipeline,
-    the trainer's evaluators and the Predictor of the workdir tokenize with it).
+    directory; an open_clip file works too: --open_clip FILE --variant ViT-B-16-SigLIP);
+  * its SentencePiece model: the conversion copies HF_DIR/spiece.model into PARAMS_DIR, which is where
+    `config.model.tokenizer_file` points (the pipeline, the trainer's evaluators and the workdir's Predictor
+    tokenize with it). An open_clip file has none: copy the matching spiece.model there.
 Text: 64 tokens (SigLIP pads every text to 64). Global term: SigLIP's sigmoid loss (`config.loss.global_form`;
 "softmax" gives CLIP's InfoNCE on SigLIP features); region terms keep their softmax form.
 """
@@ -37,7 +38,7 @@ def get_config(arg=None):
     c = _vitb16.coco_protocol(arg, VARIANTS[arg.res], arg.res, params_dir, batch_size=256, max_boxes=20)
     c.model.family = "siglip"
     c.model.context_length = 64
-    c.model.tokenizer_file = f"{hf_dir}/spiece.model"
+    c.model.tokenizer_file = f"{params_dir}/spiece.model"  # convert --hf copies it there
     c.loss.global_form = arg.global_form
     # CLIP's clamp exp(logit_scale) <= 100 would cut the released SigLIPs' scale (~117) at the first step; big_vision
     # does not clamp, so only a loose guard stays.

@@ -2,10 +2,11 @@
 `--config=...` (with its `:arguments`) and `--config.a.b=` override names a real config field.
 
 `test_readme_commands_run` runs the commands themselves, as written, at the demo's smoke size: the first demo
-command (with `:smoke` appended to its config argument), the predict command on its workdir, and the three convert
-commands, with HOME in a temporary folder holding a tiny Hugging Face CLIPModel at ~/models/clip-vit-base-patch16 and
-a tiny open_clip state dict as ViT-B-16.pt (the open_clip command's `--variant ViT-B/16 --image_size 336` become
-`test-tiny`/96: a real ViT-B/16 is too big for a test). Not run, only checked for validity: the other training
+command (with `:smoke` appended to its config argument), the predict command on its workdir, and the five convert
+commands, with HOME in a temporary folder holding a tiny Hugging Face CLIPModel at ~/models/clip-vit-base-patch16, a
+tiny open_clip state dict as ViT-B-16.pt (the open_clip command's `--variant ViT-B/16 --image_size 336` become
+`test-tiny`/96: a real ViT-B/16 is too big for a test), a tiny EVA02-CLIP in the original EVA-CLIP layout as
+EVA02_CLIP_B_psz16_s8B.pt (variant EVA02-test-tiny) and a tiny SiglipModel at ~/models/siglip-base-patch16-224. Not run, only checked for validity: the other training
 commands (the baseline is the demo with another method; the COCO protocol needs COCO and converted weights), the
 prepare commands (COCO/Flickr30k files: their builders run on hand-made files in test_real_datasets), the trade-off
 study (test_tradeoff runs it at smoke size) and the test command (CI runs it). The multi-host launch is run by
@@ -141,7 +142,7 @@ def test_readme_commands_run(tmp_path):
     run(predict, tmp_path)
     assert (tmp_path / "labelled.png").exists()
     # Conversion: HF -> ours, open_clip -> ours, ours -> HF.
-    hf_in, open_clip_in, to_hf = by_module["harmoclip_jax.convert"]
+    hf_in, open_clip_in, to_hf, eva02_in, siglip_in = by_module["harmoclip_jax.convert"]
     run(hf_in, tmp_path)
     small = [{"ViT-B/16": "test-tiny", "336": "96"}.get(a, a) for a in open_clip_in]
     assert small != open_clip_in
@@ -150,3 +151,14 @@ def test_readme_commands_run(tmp_path):
     run(to_hf, tmp_path)
     assert (home / "models" / "vitb16_harmoclip" / "model.safetensors").exists()
     assert (home / "ckpt" / "vitb16" / "model.json").exists() and (home / "ckpt" / "vitb16_336").exists()
+    # The other families: EVA02-CLIP from the original release's layout, SigLIP from a HF directory.
+    from harmoclip_jax.models import convert_eva02, eva02, siglip
+    from harmoclip_jax.models.convert_siglip import save_hf_siglip
+
+    release = convert_eva02.params_to_state_dict(eva02.EVA02CLIP("EVA02-test-tiny", rngs=nnx.Rngs(2)), "eva_clip")
+    torch.save({k: torch.from_numpy(v) for k, v in release.items()}, tmp_path / "EVA02_CLIP_B_psz16_s8B.pt")
+    small = [{"EVA02-B/16": "EVA02-test-tiny"}.get(a, a) for a in eva02_in]
+    assert small != eva02_in and "eva02_clip family" in run(small, tmp_path).stdout
+    save_hf_siglip(siglip.SigLIP("SigLIP-test-tiny", rngs=nnx.Rngs(3)), home / "models" / "siglip-base-patch16-224")
+    assert "siglip family" in run(siglip_in, tmp_path).stdout
+    assert (home / "ckpt" / "eva02_b16" / "model.json").exists() and (home / "ckpt" / "siglip_b16").exists()
