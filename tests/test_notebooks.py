@@ -69,6 +69,8 @@ def test_import_pretrained(tmp_path, monkeypatch):
     assert "zero-shot:" in text and "fine-tuned" in text
     assert "fine-tuning test-tiny for 2 steps" in text
     assert (tmp_path / "finetune" / "params" / "model.json").exists()
+    assert "eva02_clip family" in text and "siglip family" in text  # the other families' conversion cell
+    assert (tmp_path / "siglip" / "spiece.model").exists()  # the tokenizer travelled into the converted checkpoint
 
 
 @pytest.mark.parametrize("name", ["quickstart", "load_checkpoint", "import_pretrained"])
