@@ -54,7 +54,8 @@ def _clip_reference(variant, dtype, tmp):
     params = convert.state_dict_to_params({k: v.numpy() for k, v in ref.state_dict().items()}, get_config(variant),
                                           "hf")
     ours = convert.model_from_params(get_config(variant, dtype=dtype), params)
-    return ours, ref, lambda pixels: ref.get_image_features(pixel_values=pixels), "transformers CLIPModel.get_image_features"
+    name = "transformers CLIPModel.get_image_features"
+    return ours, ref, lambda pixels: ref.get_image_features(pixel_values=pixels), name
 
 
 def _eva02_reference(variant, dtype, tmp):
@@ -87,7 +88,8 @@ def _siglip_reference(variant, dtype, tmp):
     reference.randomize_(ref, seed=0)
     ref.eval().save_pretrained(tmp / "siglip")
     ours = registry.get("siglip").load_hf(tmp / "siglip", dtype=dtype)
-    return ours, ref, lambda pixels: ref.get_image_features(pixel_values=pixels), "transformers SiglipModel.get_image_features"
+    name = "transformers SiglipModel.get_image_features"
+    return ours, ref, lambda pixels: ref.get_image_features(pixel_values=pixels), name
 
 
 FAMILIES = {

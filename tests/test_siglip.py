@@ -371,7 +371,8 @@ def _train_spm(path: pathlib.Path) -> pathlib.Path:
     corpus += [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "star")]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 5), model_writer=buf, vocab_size=64,
-                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   pad_piece="<pad>",
                                    eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2)
     path.mkdir(parents=True, exist_ok=True)
     (path / "spiece.model").write_bytes(buf.getvalue())
