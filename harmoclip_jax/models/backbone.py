@@ -105,6 +105,28 @@ class Backbone:
                                remat=model_config.remat, attention_impl=model_config.attention_impl)
 
 
+def override_config(config: Any, overrides: dict[str, Any], family: str) -> Any:
+    """`config` (a family config dataclass with `vision` and `text` sections) with `overrides` applied: a top-level
+    field (`dtype`, ...), a vision field (`image_size`, ...) or a text field prefixed with `text_`
+    (`text_context_length`, ...). `family` names the model in the error for an unknown field."""
+    vision_fields = {f.name for f in dataclasses.fields(config.vision)}
+    text_fields = {f.name for f in dataclasses.fields(config.text)}
+    top_fields = {f.name for f in dataclasses.fields(config)} - {"vision", "text"}
+    top, vision, text = {}, {}, {}
+    for key, value in overrides.items():
+        if key in top_fields:
+            top[key] = value
+        elif key in vision_fields:
+            vision[key] = value
+        elif key.startswith("text_") and key[5:] in text_fields:
+            text[key[5:]] = value
+        else:
+            raise ValueError(f"unknown {family} config override {key!r}; top-level: {sorted(top_fields)}, vision: "
+                             f"{sorted(vision_fields)}, text (prefix 'text_'): {sorted(text_fields)}")
+    return dataclasses.replace(config, vision=dataclasses.replace(config.vision, **vision),
+                               text=dataclasses.replace(config.text, **text), **top)
+
+
 def lazy(module: str, name: str) -> Callable:
     """`module.name`, imported on first call (converters need readers a model module should not import)."""
 

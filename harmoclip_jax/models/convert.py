@@ -32,6 +32,21 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes do not fit the model."""
 
 
+def check_fit(header: str, *, missing: list, unexpected: list, wrong_shape: list, hint: str) -> None:
+    """Raises one CheckpointMismatchError listing every missing / unexpected / mis-shaped key (20 of each at most)
+    under `header`, with `hint` last; returns when all three lists are empty. Every family's converter reports
+    through it."""
+    if not (missing or unexpected or wrong_shape):
+        return
+    lines = [header]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
+    lines.append(f"  {hint}")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
 @dataclass(frozen=True)
 class _Rule:
     ours: tuple  # path in our flat param dict
@@ -165,16 +180,10 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: CLIPConfi
         params[rule.ours] = value
     unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SOURCE_KEYS))
     assert set(expected) == {r.ours for r in rules}, "internal: name table does not cover the model"
-    if missing or unexpected or wrong_shape:
-        lines = [f"{source} does not fit a {layout} CLIP of this architecture "
-                 f"(vision {config.vision}, text {config.text}, embed_dim {config.embed_dim}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", wrong_shape)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
-        lines.append("  Check the variant/config (layers, widths, patch size, image size) matches the checkpoint.")
-        raise CheckpointMismatchError("\n".join(lines))
+    check_fit(f"{source} does not fit a {layout} CLIP of this architecture (vision {config.vision}, text "
+              f"{config.text}, embed_dim {config.embed_dim}):", missing=missing, unexpected=unexpected,
+              wrong_shape=wrong_shape,
+              hint="Check the variant/config (layers, widths, patch size, image size) matches the checkpoint.")
     return params
 
 

@@ -22,8 +22,8 @@ import numpy as np
 from flax import traverse_util
 
 from harmoclip_jax.models import glue
-from harmoclip_jax.models.convert import (CheckpointMismatchError, _linear_t, _ln, _patch_conv, _read_tensors,
-                                          _Rule, _same, resize_position_embedding)
+from harmoclip_jax.models.convert import (CheckpointMismatchError, _linear_t, _ln, _patch_conv, _read_tensors, _Rule,
+                                          _same, check_fit, resize_position_embedding)
 from harmoclip_jax.models.eva02 import BACKBONE, EVA02CLIP, EVA02Config, get_config
 
 PathLike = str | os.PathLike
@@ -135,16 +135,10 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EVA02Conf
     rope_buffer = lambda k: k.startswith("visual.") and "rope" in k.split(".")  # noqa: E731
     unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SOURCE_KEYS)
                         and not rope_buffer(k))
-    if missing or unexpected or wrong_shape:
-        lines = [f"{source} ({layout} layout) does not fit an EVA02-CLIP of this architecture "
-                 f"(vision {config.vision}, text {config.text}, embed_dim {config.embed_dim}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", wrong_shape)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
-        lines.append("  Check the variant (EVA02-B/16, EVA02-L/14@336, ...) matches the checkpoint.")
-        raise CheckpointMismatchError("\n".join(lines))
+    check_fit(f"{source} ({layout} layout) does not fit an EVA02-CLIP of this architecture (vision {config.vision}, "
+              f"text {config.text}, embed_dim {config.embed_dim}):", missing=missing, unexpected=unexpected,
+              wrong_shape=wrong_shape,
+              hint="Check the variant (EVA02-B/16, EVA02-L/14@336, ...) matches the checkpoint.")
     return params
 
 

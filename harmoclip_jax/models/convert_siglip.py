@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from harmoclip_jax.models import glue
-from harmoclip_jax.models.convert import CheckpointMismatchError, _read_tensors, bicubic_matrix
+from harmoclip_jax.models.convert import _read_tensors, bicubic_matrix, check_fit
 from harmoclip_jax.models.siglip import BACKBONE, SigLIP, SigLIPConfig, TextConfig, VisionConfig, get_config
 
 PathLike = str | os.PathLike
@@ -181,16 +181,9 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: SigLIPCon
             else:
                 params[ours] = np.asarray(value, np.float32)
     unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SOURCE_KEYS))
-    if missing or unexpected or wrong_shape:
-        lines = [f"{source} does not fit a {layout} SigLIP of this architecture (vision {config.vision}, text "
-                 f"{config.text}):"]
-        for title, items in (("missing keys", sorted(set(missing))), ("unexpected keys", unexpected),
-                             ("shape mismatches", wrong_shape)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
-        lines.append("  Check the variant/config (layers, widths, patch size, image size) matches the checkpoint.")
-        raise CheckpointMismatchError("\n".join(lines))
+    check_fit(f"{source} does not fit a {layout} SigLIP of this architecture (vision {config.vision}, text "
+              f"{config.text}):", missing=sorted(set(missing)), unexpected=unexpected, wrong_shape=wrong_shape,
+              hint="Check the variant/config (layers, widths, patch size, image size) matches the checkpoint.")
     return params
 
 

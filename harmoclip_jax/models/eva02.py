@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from harmoclip_jax.models import clip, glue
-from harmoclip_jax.models.backbone import Backbone, lazy
+from harmoclip_jax.models.backbone import Backbone, lazy, override_config
 from harmoclip_jax.models.normalization import OPENAI_CLIP
 from harmoclip_jax.models.variants import TextConfig
 
@@ -100,22 +100,7 @@ def get_config(variant: str | EVA02Config, **overrides: Any) -> EVA02Config:
             raise ValueError(f"unknown EVA02-CLIP variant {variant!r}; known variants: "
                              f"{', '.join([*VARIANTS, *ALIASES])}")
         config = VARIANTS[name]
-    vision_fields = {f.name for f in dataclasses.fields(EVAVisionConfig)}
-    text_fields = {f.name for f in dataclasses.fields(TextConfig)}
-    top_fields = {f.name for f in dataclasses.fields(EVA02Config)} - {"vision", "text"}
-    top, vision, text = {}, {}, {}
-    for key, value in overrides.items():
-        if key in top_fields:
-            top[key] = value
-        elif key in vision_fields:
-            vision[key] = value
-        elif key.startswith("text_") and key[5:] in text_fields:
-            text[key[5:]] = value
-        else:
-            raise ValueError(f"unknown EVA02-CLIP config override {key!r}; top-level: {sorted(top_fields)}, vision: "
-                             f"{sorted(vision_fields)}, text (prefix 'text_'): {sorted(text_fields)}")
-    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, **vision),
-                                 text=dataclasses.replace(config.text, **text), **top)
+    config = override_config(config, overrides, "EVA02-CLIP")
     _validate(config)
     return config
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from harmoclip_jax.models import glue
-from harmoclip_jax.models.backbone import Backbone, lazy
+from harmoclip_jax.models.backbone import Backbone, lazy, override_config
 from harmoclip_jax.models.clip import Attention, LayerNorm, _dot_product_attention
 
 _normal = jax.nn.initializers.normal
@@ -136,22 +136,7 @@ def get_config(variant: str | SigLIPConfig, **overrides: Any) -> SigLIPConfig:
             raise ValueError(f"unknown SigLIP variant {variant!r}; known variants: {', '.join(VARIANTS)} "
                              f"(open_clip names: {', '.join(OPEN_CLIP_NAMES)})")
         config = VARIANTS[name]
-    top, vision, text = {}, {}, {}
-    vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
-    text_fields = {f.name for f in dataclasses.fields(TextConfig)}
-    top_fields = {f.name for f in dataclasses.fields(SigLIPConfig)} - {"vision", "text"}
-    for key, value in overrides.items():
-        if key in top_fields:
-            top[key] = value
-        elif key in vision_fields:
-            vision[key] = value
-        elif key.startswith("text_") and key[5:] in text_fields:
-            text[key[5:]] = value
-        else:
-            raise ValueError(f"unknown SigLIP config override {key!r}; top-level: {sorted(top_fields)}, vision: "
-                             f"{sorted(vision_fields)}, text (prefix 'text_'): {sorted(text_fields)}")
-    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, **vision),
-                                 text=dataclasses.replace(config.text, **text), **top)
+    config = override_config(config, overrides, "SigLIP")
     validate(config)
     return config
 

@@ -9,6 +9,8 @@ import dataclasses
 import math
 from typing import Any
 
+from harmoclip_jax.models.backbone import override_config
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -99,28 +101,7 @@ def get_config(variant: str | CLIPConfig, **overrides: Any) -> CLIPConfig:
         if variant not in VARIANTS:
             raise ValueError(f"unknown CLIP variant {variant!r}; known variants: {', '.join(VARIANTS)}")
         config = VARIANTS[variant]
-    top, vision, text = {}, {}, {}
-    vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
-    text_fields = {f.name for f in dataclasses.fields(TextConfig)}
-    top_fields = {f.name for f in dataclasses.fields(CLIPConfig)} - {"vision", "text"}
-    for key, value in overrides.items():
-        if key in top_fields:
-            top[key] = value
-        elif key in vision_fields:
-            vision[key] = value
-        elif key.startswith("text_") and key[5:] in text_fields:
-            text[key[5:]] = value
-        else:
-            raise ValueError(
-                f"unknown CLIP config override {key!r}; top-level: {sorted(top_fields)}, vision: "
-                f"{sorted(vision_fields)}, text (prefix 'text_'): {sorted(text_fields)}"
-            )
-    config = dataclasses.replace(
-        config,
-        vision=dataclasses.replace(config.vision, **vision),
-        text=dataclasses.replace(config.text, **text),
-        **top,
-    )
+    config = override_config(config, overrides, "CLIP")
     validate(config)
     return config
 
