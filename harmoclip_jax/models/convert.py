@@ -239,17 +239,20 @@ def bicubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray
     return m
 
 
-def resize_position_embedding(pos: np.ndarray, new_grid: int, antialias: bool = False) -> np.ndarray:
-    """(1 + g*g, D) -> (1 + new_grid^2, D): bicubic resize of the patch grid, class token row kept."""
+def resize_position_embedding(pos: np.ndarray, new_grid: int, antialias: bool = False,
+                              prefix_tokens: int = 1) -> np.ndarray:
+    """(P + g*g, D) -> (P + new_grid^2, D): bicubic resize of the patch grid; the first P = `prefix_tokens` rows
+    (the class token: 1 for CLIP and EVA02, 0 for SigLIP) are kept as they are."""
     pos = np.asarray(pos, np.float64)
-    g = int(round(np.sqrt(pos.shape[0] - 1)))
-    if g * g + 1 != pos.shape[0]:
-        raise ValueError(f"position embedding of {pos.shape[0]} rows is not 1 + a square grid")
+    g = int(round(np.sqrt(pos.shape[0] - prefix_tokens)))
+    if g * g + prefix_tokens != pos.shape[0]:
+        grid_rows = f"{prefix_tokens} + a square grid" if prefix_tokens else "a square grid"
+        raise ValueError(f"position embedding of {pos.shape[0]} rows is not {grid_rows}")
     if g == new_grid:
         return pos.astype(np.float32)
     m = bicubic_matrix(g, new_grid, antialias)
-    grid = np.einsum("yi,xj,ijd->yxd", m, m, pos[1:].reshape(g, g, -1))
-    return np.concatenate([pos[:1], grid.reshape(new_grid * new_grid, -1)]).astype(np.float32)
+    grid = np.einsum("yi,xj,ijd->yxd", m, m, pos[prefix_tokens:].reshape(g, g, -1))
+    return np.concatenate([pos[:prefix_tokens], grid.reshape(new_grid * new_grid, -1)]).astype(np.float32)
 
 
 def _resize_if_needed(params: dict, config: CLIPConfig, checkpoint_image_size: int, antialias: bool) -> dict:

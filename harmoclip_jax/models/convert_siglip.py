@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from harmoclip_jax.models import glue
-from harmoclip_jax.models.convert import _read_tensors, bicubic_matrix, check_fit
+from harmoclip_jax.models.convert import _read_tensors, check_fit, resize_position_embedding
 from harmoclip_jax.models.siglip import BACKBONE, SigLIP, SigLIPConfig, TextConfig, VisionConfig, get_config
 
 PathLike = str | os.PathLike
@@ -198,28 +198,15 @@ def params_to_state_dict(model: SigLIP, layout: str) -> dict[str, np.ndarray]:
     return out
 
 
-def resize_position_embedding(pos: np.ndarray, new_grid: int, antialias: bool = False) -> np.ndarray:
-    """(g*g, D) -> (new_grid^2, D): bicubic resize of the patch grid (no class token in SigLIP).
-
-    antialias=False is HF's `interpolate_pos_encoding` (torch bicubic, align_corners=False); True is timm's
-    `resample_abs_pos_embed` default (what open_clip uses)."""
-    pos = np.asarray(pos, np.float64)
-    g = int(round(np.sqrt(pos.shape[0])))
-    if g * g != pos.shape[0]:
-        raise ValueError(f"position embedding of {pos.shape[0]} rows is not a square grid")
-    if g == new_grid:
-        return pos.astype(np.float32)
-    m = bicubic_matrix(g, new_grid, antialias)
-    grid = np.einsum("yi,xj,ijd->yxd", m, m, pos.reshape(g, g, -1))
-    return grid.reshape(new_grid * new_grid, -1).astype(np.float32)
-
-
 def _load(state_dict, config: SigLIPConfig, checkpoint_image_size: int, layout: str, source: str,
           antialias: bool) -> SigLIP:
-    params = state_dict_to_params(state_dict, get_config(config, image_size=checkpoint_image_size), layout, source)
-    if get_config(config, image_size=checkpoint_image_size).vision.grid_size != config.vision.grid_size:
+    stored = get_config(config, image_size=checkpoint_image_size)
+    params = state_dict_to_params(state_dict, stored, layout, source)
+    if stored.vision.grid_size != config.vision.grid_size:
+        # No class token: every row is the grid. antialias=False is HF's `interpolate_pos_encoding`, True timm's
+        # `resample_abs_pos_embed` (open_clip).
         key = ("visual", "positional_embedding")
-        params[key] = resize_position_embedding(params[key], config.vision.grid_size, antialias)
+        params[key] = resize_position_embedding(params[key], config.vision.grid_size, antialias, prefix_tokens=0)
     return glue.model_from_params(BACKBONE, config, params)
 
 
