@@ -154,15 +154,10 @@ def _name_table(config: CLIPConfig, layout: str) -> list[_Rule]:
     return [make(ours) for ours, make in table.items()]
 
 
-def _expected_shapes(config: CLIPConfig) -> dict[tuple, tuple]:
-    flat = traverse_util.flatten_dict(glue.abstract_params(BACKBONE, config))
-    return {k: tuple(v.shape) for k, v in flat.items()}
-
-
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: CLIPConfig, layout: str,
                          source: str = "checkpoint") -> dict[tuple, np.ndarray]:
     """Maps a torch-layout state dict (numpy arrays) onto our flat param dict, checking every key and shape."""
-    expected = _expected_shapes(config)
+    expected = glue.param_shapes(BACKBONE, config)
     rules = _name_table(config, layout)
     missing, wrong_shape, params, used = [], [], {}, set()
     for rule in rules:

@@ -111,8 +111,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: EVA02Conf
                          source: str = "checkpoint") -> dict[tuple, np.ndarray]:
     """Maps a torch-layout state dict (numpy arrays) onto our flat param dict, checking every key and shape."""
     layout = layout or detect_layout(state_dict, source)
-    flat = traverse_util.flatten_dict(glue.abstract_params(BACKBONE, config))
-    expected = {k: tuple(a.shape) for k, a in flat.items()}
+    expected = glue.param_shapes(BACKBONE, config)
     rules = _name_table(config, layout)
     assert set(expected) == {r.ours for r in rules}, "internal: name table does not cover the model"
     missing, wrong_shape, params, used = [], [], {}, set()

@@ -154,15 +154,10 @@ def _name_table(config: SigLIPConfig, layout: str) -> list[_Rule]:
     return rules
 
 
-def _expected_shapes(config: SigLIPConfig) -> dict[tuple, tuple]:
-    flat = traverse_util.flatten_dict(glue.abstract_params(BACKBONE, config))
-    return {k: tuple(v.shape) for k, v in flat.items()}
-
-
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: SigLIPConfig, layout: str,
                          source: str = "checkpoint") -> dict[tuple, np.ndarray]:
     """Maps a torch-layout state dict (numpy arrays) onto our flat params dict, checking every key and shape."""
-    expected = _expected_shapes(config)
+    expected = glue.param_shapes(BACKBONE, config)
     rules = _name_table(config, layout)
     covered = [p for r in rules for p in r.ours]
     assert sorted(covered) == sorted(expected), "internal: the SigLIP name table does not cover the model once"

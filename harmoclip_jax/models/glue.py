@@ -22,6 +22,11 @@ def abstract_params(backbone: Backbone, config: Any) -> dict:
     return nnx.to_pure_dict(nnx.state(abstract_model(backbone, config), nnx.Param))
 
 
+def param_shapes(backbone: Backbone, config: Any) -> dict[tuple, tuple]:
+    """{flat parameter path: shape} of a model of `config`: what a converter checks a checkpoint against."""
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params(backbone, config)).items()}
+
+
 def params_of(model: nnx.Module) -> dict:
     """A model's parameters as a pure dict."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
