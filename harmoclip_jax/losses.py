@@ -70,6 +70,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from harmoclip_jax.sharding import BATCH_AXES
+
 __all__ = [
     "METHODS",
     "TERMS",
@@ -454,7 +456,7 @@ def _batch_mesh_axes(batch_size: int) -> tuple[str, ...]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
     shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     return axes if axes and batch_size % shards == 0 else ()
 
