@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from harmoclip_jax.data.features import NO_LABEL, record_info
+from harmoclip_jax.data.features import NO_LABEL, no_segmentation, record_info
 from harmoclip_jax.data.lexemes import LexemeExtractor
 from harmoclip_jax.data.manual_files import (
     MAX_BOX_SIZE,
@@ -200,7 +200,8 @@ def attach_lexemes(planned: list[_PlannedImage], extractor: LexemeExtractor, chu
 class CocoRegionCaptions(tfds.core.GeneratorBasedBuilder):
     """COCO train2017 with global captions and captioned, lexeme-tagged regions (HarmoCLIP/FineCLIP training)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Records carry a `segmentation` field (see features.py)."}
     BUILDER_CONFIGS = [
         CocoRegionsConfig(name="proposals", description="FineCLIP's coco_proposals.json boxes (its default)"),
         CocoRegionsConfig(name="instances", boxes="instances", description="COCO GT instance boxes"),
@@ -242,6 +243,7 @@ class CocoRegionCaptions(tfds.core.GeneratorBasedBuilder):
                 "file_name": image.file_name,
                 "captions": image.captions,
                 "regions": regions,
+                "segmentation": no_segmentation(),
             }
 
 
@@ -323,7 +325,8 @@ class CocoPanopticBoxes(tfds.core.GeneratorBasedBuilder):
     metadata: `class_names` (133, label order = sorted category id), `is_thing` (80 True), `category_ids`.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Records carry a `segmentation` field (see features.py)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__ + "\n" + COCO_DOWNLOAD_HELP
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -384,6 +387,7 @@ class CocoPanopticBoxes(tfds.core.GeneratorBasedBuilder):
                 "file_name": path.name,
                 "captions": [],
                 "regions": regions,
+                "segmentation": no_segmentation(),
             }
 
 
@@ -394,7 +398,8 @@ class CocoRetrieval(tfds.core.GeneratorBasedBuilder):
     Images with more than 5 captions keep the first 5 in the order of captions_val2017.json.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Records carry a `segmentation` field (see features.py)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__ + "\n" + COCO_DOWNLOAD_HELP
 
     def _info(self) -> tfds.core.DatasetInfo:

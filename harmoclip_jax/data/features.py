@@ -12,12 +12,16 @@ Conventions:
 - `regions/lexeme`: the region's lexeme, a short noun phrase ("red circle"); "" if none.
 - `regions/label`: class index into the dataset's class list (`DatasetInfo.metadata["class_names"]`), -1 if the
   region is unlabelled (proposals).
-Class metadata (names, and `is_thing` for panoptic) goes into `tfds.core.MetadataDict` under the keys
+- `segmentation`: uint8 (H, W) semantic mask at the image's own resolution, a class index per pixel (same class
+  list), `SEGMENTATION_IGNORE` (255) where no class applies (background, void); an empty (0, 0) array when the
+  record has no mask (training splits, retrieval sets). At most 255 classes.
+Class metadata (names, `is_thing` for panoptic, `is_novel` for open-vocabulary splits) goes into `tfds.core.MetadataDict` under the keys
 `class_names` and `is_thing`.
 
 Read back through `tfds.data_source` (no TensorFlow), a record is a dict: `image` uint8 HWC ndarray, `image_id`
 int, `file_name` bytes, `captions` list[bytes], and `regions` a dict of lists (`box` list of float32 (4,) arrays,
-`caption`/`lexeme` list[bytes], `label` list[np.int64]); an image with no regions has empty lists.
+`caption`/`lexeme` list[bytes], `label` list[np.int64]); an image with no regions has empty lists;
+`segmentation` a uint8 (H, W) array, (0, 0) when absent.
 """
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 NO_LABEL = -1
+SEGMENTATION_IGNORE = 255  # mask pixels of no class (background, void)
+
+
+def no_segmentation() -> np.ndarray:
+    """The `segmentation` value of a record without a mask."""
+    return np.zeros((0, 0), np.uint8)
 
 
 def record_features(encoding_format: str = "jpeg") -> tfds.features.FeaturesDict:
@@ -35,6 +45,7 @@ def record_features(encoding_format: str = "jpeg") -> tfds.features.FeaturesDict
             "image_id": tfds.features.Scalar(dtype=np.int64),
             "file_name": tfds.features.Text(),
             "captions": tfds.features.Sequence(tfds.features.Text()),
+            "segmentation": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding="zlib"),
             "regions": tfds.features.Sequence(
                 {
                     "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),

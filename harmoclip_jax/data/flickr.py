@@ -86,7 +86,8 @@ def flickr30k_test_items(root: Path) -> tuple[list[tuple[int, Path, list[str]]],
 class Flickr30kRetrieval(tfds.core.GeneratorBasedBuilder):
     """Flickr30k Karpathy 1k test: 1,000 images x 5 captions for image-text retrieval."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Records carry a `segmentation` field (see features.py)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__ + "\n" + FLICKR_DOWNLOAD_HELP
 
     def _info(self) -> tfds.core.DatasetInfo:

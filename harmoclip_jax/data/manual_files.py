@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from harmoclip_jax.data.features import no_segmentation
+
 logger = logging.getLogger("harmoclip_jax.data")
 
 # FineCLIP's region size filter (training/data.py: min_size=8, max_size=1024 on the box area w*h).
@@ -131,4 +133,5 @@ def retrieval_examples(items: list[tuple[int, Path, list[str]]]):
             "file_name": path.name,
             "captions": captions,
             "regions": empty_regions(),
+            "segmentation": no_segmentation(),
         }

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from harmoclip_jax.data.features import record_features
+from harmoclip_jax.data.features import no_segmentation, record_features
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -376,6 +376,7 @@ def scene_record(scene: RenderedScene, split: str, index: int) -> dict:
             "lexeme": [obj.lexeme for obj in scene.objects],
             "label": np.asarray([obj.label for obj in scene.objects], dtype=np.int64),
         },
+        "segmentation": no_segmentation(),
     }
 
 
@@ -399,8 +400,8 @@ _MIN_EVAL_IMAGES = 2 * NUM_CLASSES
 class Scenes(tfds.core.GeneratorBasedBuilder):
     """Procedural image-text-regions dataset; see the module docstring and docs/scenes.md."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Records carry a `segmentation` field (see features.py)."}
     BUILDER_CONFIGS = [
         ScenesConfig(name="default", description="128 px, 10k train / 1k val / 1k test images."),
         ScenesConfig(name="small", description="96 px, 2k train / 200 val / 200 test images (quick demos).",
