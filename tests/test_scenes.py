@@ -196,5 +196,28 @@ def test_existing_configs_are_unchanged():
     """Pins the `small` records as they were before the open-vocabulary configs were added (the demo's metrics
     depend on them). The raw-pixel digest is the contract; the JPEG digest also depends on Pillow's libjpeg
     (computed with Pillow 13.0.0, numpy 2.4.6)."""
+    configs = {c.name: c for c in scenes.Scenes.BUILDER_CONFIGS}
+    small = configs["small"]
+    assert (small.image_size, small.seed, small.open_vocab) == (96, 0, False)  # the digest's arguments
+    assert not any(configs[name].open_vocab for name in ("default", "small", "tiny"))
     assert _small_digest(jpeg=False) == "7ec88596ffc09be60b559e6f69a0322533ec6b0e58f274ce83a08cf670a12153"
     assert _small_digest(jpeg=True) == "5fef36be9058cd20760f3f22e97ec2a1141fa55fce3f97e37ad62d0003e2b62f"
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_records_have_semantic_masks_that_agree_with_boxes(tiny, split):
+    size = tiny.builder_config.image_size
+    for record in _records(tiny, split):
+        mask = record["segmentation"]
+        assert mask.shape == (size, size) and mask.dtype == np.uint8
+        labels = [int(l) for l in record["regions"]["label"]]
+        assert set(np.unique(mask).tolist()) == set(labels) | {scenes.SEGMENTATION_IGNORE}
+        for label, box in zip(labels, record["regions"]["box"]):
+            ys, xs = np.nonzero(mask == label)
+            # Each object's pixels lie inside its box and touch all four sides: the box is the mask's tight box.
+            assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == np.round(box * size).astype(int).tolist()
+
+
+def test_train_records_have_no_mask(tiny):
+    source = tiny.as_data_source(split="train")
+    assert all(source[i]["segmentation"].shape == (0, 0) for i in range(4))
