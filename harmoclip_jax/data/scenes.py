@@ -6,10 +6,19 @@ object with its size, colour and position or its relation to the other objects),
 region caption ("a large red circle in the top left"), a lexeme ("red circle") and a class label
 (colour x shape, 36 classes). Images come in pairs (2k, 2k+1): the second is a hard negative of the first with the
 same background and the same objects but two colours, two shapes or two positions swapped, so that only attribute
-binding / spatial relations separate the pair's captions.
+binding / spatial relations separate the pair's captions. Val/test records carry a semantic mask
+(`segmentation`: each pixel's visible object's class label, 255 on background); train records an empty one.
 
-Generation is deterministic: example `index` of `split` depends only on (config seed, split, index). A default
-build (10k/1k/1k images of 128 px) takes ~85 MB (build times: docs/scenes.md). Usage:
+Open-vocabulary configs (`ov`, `ov_small`, `ov_tiny`; `ScenesConfig.open_vocab`): every mention of a colour or
+shape is a synonym drawn per mention (COLOUR_SYNONYMS, SHAPE_SYNONYMS: "a scarlet disc in the top left"), region
+captions leave out the size word, and each lexeme is the noun phrase that the rule-based lexeme extractor
+(lexemes.py) takes from the region caption ("scarlet disc"). In the train split, objects of the 9 NOVEL_CLASSES are
+drawn and named in the global captions but have no region (no box, region caption, lexeme or label), as novel
+categories in OV-COCO; every train image keeps >= 1 region. Val/test annotate every object. Class names (the
+evaluation prompts) stay canonical; `DatasetInfo.metadata["is_novel"]` marks the novel classes.
+
+Generation is deterministic: example `index` of `split` depends only on (config seed, split, index, open_vocab).
+A default build (10k/1k/1k images of 128 px) takes ~85 MB (build times: docs/scenes.md). Usage:
 
     builder = Scenes(config="default", data_dir=...)     # or tfds.data_source("scenes/default", ...)
     builder.download_and_prepare()                        # generates; nothing is downloaded
