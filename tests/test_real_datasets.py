@@ -270,6 +270,19 @@ def test_coco_panoptic_boxes(coco_dir, tmp_path):
     assert regions["caption"] == [b"", b""] and records[101]["captions"] == []
     assert list(records[102]["regions"]["label"]) == [1]
     assert metadata["build_stats"]["segments_size_filtered"] == 1
+    # The semantic mask: every segment's pixels carry its class label (also the grass segment that is too small
+    # to be a box), void (id 0) is 255.
+    expected = np.full((48, 64), 255, np.uint8)
+    expected[10:30, 5:25] = 0  # person
+    expected[0:5, 30:64] = 3  # tree-merged (L-shaped)
+    expected[0:40, 60:64] = 3
+    expected[45:47, 0:3] = 2  # grass-merged
+    mask = records[101]["segmentation"]
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, expected)
+    expected2 = np.full((32, 32), 255, np.uint8)
+    expected2[4:20, 8:30] = 1  # car
+    np.testing.assert_array_equal(records[102]["segmentation"], expected2)
     reloaded = tfds.builder("coco_panoptic_boxes", data_dir=str(tmp_path)).info.metadata
     assert reloaded["class_names"] == metadata["class_names"] and reloaded["is_thing"] == metadata["is_thing"]
     assert reloaded["build_stats"]["regions_kept"] == 3  # counted during generation, saved after it

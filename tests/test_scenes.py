@@ -169,3 +169,55 @@ def test_prepare_cli_builds_scenes_without_manual_dir(tmp_path):
     builder = prepare("scenes", data_dir=str(tmp_path), config="tiny")
     assert {name: info.num_examples for name, info in builder.info.splits.items()} == \
         {"train": 96, "val": 72, "test": 72}
+
+
+def _small_digest(*, jpeg: bool) -> str:
+    """sha256 of a few `small` records (seed 0, 96 px) of every split: image (JPEG bytes or raw pixels), id, file
+    name, captions, boxes, labels, region captions and lexemes. Everything but `segmentation`."""
+    digest = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        for index in (0, 1, 2, 3, 37, 150):
+            scene = scenes.generate_example(0, split, index, 96)
+            record = scenes.scene_record(scene, split, index)
+            digest.update(record["image"] if jpeg else scene.image.tobytes())
+            digest.update(record["file_name"].encode())
+            digest.update(str(record["image_id"]).encode())
+            for text in record["captions"]:
+                digest.update(text.encode() + b"\0")
+            regions = record["regions"]
+            digest.update(np.asarray(regions["box"], np.float32).tobytes())
+            digest.update(np.asarray(regions["label"], np.int64).tobytes())
+            for text in regions["caption"] + regions["lexeme"]:
+                digest.update(text.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def test_existing_configs_are_unchanged():
+    """Pins the `small` records as they were before the open-vocabulary configs were added (the demo's metrics
+    depend on them). The raw-pixel digest is the contract; the JPEG digest also depends on Pillow's libjpeg
+    (computed with Pillow 13.0.0, numpy 2.4.6)."""
+    configs = {c.name: c for c in scenes.Scenes.BUILDER_CONFIGS}
+    small = configs["small"]
+    assert (small.image_size, small.seed, small.open_vocab) == (96, 0, False)  # the digest's arguments
+    assert not any(configs[name].open_vocab for name in ("default", "small", "tiny"))
+    assert _small_digest(jpeg=False) == "7ec88596ffc09be60b559e6f69a0322533ec6b0e58f274ce83a08cf670a12153"
+    assert _small_digest(jpeg=True) == "5fef36be9058cd20760f3f22e97ec2a1141fa55fce3f97e37ad62d0003e2b62f"
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_records_have_semantic_masks_that_agree_with_boxes(tiny, split):
+    size = tiny.builder_config.image_size
+    for record in _records(tiny, split):
+        mask = record["segmentation"]
+        assert mask.shape == (size, size) and mask.dtype == np.uint8
+        labels = [int(l) for l in record["regions"]["label"]]
+        assert set(np.unique(mask).tolist()) == set(labels) | {scenes.SEGMENTATION_IGNORE}
+        for label, box in zip(labels, record["regions"]["box"]):
+            ys, xs = np.nonzero(mask == label)
+            # Each object's pixels lie inside its box and touch all four sides: the box is the mask's tight box.
+            assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == np.round(box * size).astype(int).tolist()
+
+
+def test_train_records_have_no_mask(tiny):
+    source = tiny.as_data_source(split="train")
+    assert all(source[i]["segmentation"].shape == (0, 0) for i in range(4))

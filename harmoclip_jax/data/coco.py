@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from harmoclip_jax.data.features import NO_LABEL, no_segmentation, record_info
+from harmoclip_jax.data.features import NO_LABEL, SEGMENTATION_IGNORE, no_segmentation, record_info
 from harmoclip_jax.data.lexemes import LexemeExtractor
 from harmoclip_jax.data.manual_files import (
     MAX_BOX_SIZE,
@@ -278,6 +278,25 @@ def panoptic_class_metadata(categories: list[dict]) -> tuple[list[str], list[boo
     return names, is_thing, {c["id"]: label for label, c in enumerate(ordered)}
 
 
+def panoptic_semantic_mask(segments: list[dict], png_path: Path, label_of: dict[int, int]) -> np.ndarray:
+    """uint8 (H, W) semantic mask of one panoptic image: each pixel's segment's class label (`label_of` its
+    category), SEGMENTATION_IGNORE where the PNG has id 0 (void) or a segment missing from `segments`.
+
+    Every segment counts, also those that `panoptic_regions` drops as boxes (size filter, MAX_PANOPTIC_SEGMENTS):
+    the mask is the ground truth of the whole image, as in COCO-Stuff / panoptic semantic evaluation.
+    """
+    ids = panoptic_segment_ids(png_path)
+    mask = np.full(ids.shape, SEGMENTATION_IGNORE, np.uint8)
+    for seg in segments:
+        label = label_of.get(seg["category_id"])
+        if label is None:  # a category outside the class list stays unlabelled
+            continue
+        if not 0 <= label < SEGMENTATION_IGNORE:
+            raise ValueError(f"class label {label} does not fit a uint8 mask with {SEGMENTATION_IGNORE} = ignore")
+        mask[ids == seg["id"]] = label
+    return mask
+
+
 def panoptic_regions(segments: list[dict], png_path: Path, label_of: dict[int, int], is_thing_cat: dict[int, bool],
                      width: int, height: int, stats: collections.Counter) -> dict:
     """FineCLIP's box-classification regions of one panoptic image.
@@ -323,10 +342,12 @@ class CocoPanopticBoxes(tfds.core.GeneratorBasedBuilder):
     """COCO panoptic val2017 as labelled boxes of all 133 categories (FineCLIP box-classification protocol).
 
     metadata: `class_names` (133, label order = sorted category id), `is_thing` (80 True), `category_ids`.
+    `segmentation`: the semantic mask of every segment (`panoptic_semantic_mask`), 255 on void.
     """
 
     VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.1.0": "Records carry a `segmentation` field (see features.py)."}
+    RELEASE_NOTES = {"1.1.0": "Records carry a `segmentation` field (see features.py): the semantic mask of the "
+                              "panoptic segments (class label per pixel, 255 on void)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__ + "\n" + COCO_DOWNLOAD_HELP
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -376,10 +397,12 @@ class CocoPanopticBoxes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, items, root, label_of, is_thing_cat, stats):
         for ann, path, width, height in items:
             image_id = ann["image_id"]
-            regions = panoptic_regions(
-                ann["segments_info"], root / "annotations/panoptic_val2017" / ann["file_name"], label_of,
-                is_thing_cat, width, height, stats,
-            )
+            png_path = root / "annotations/panoptic_val2017" / ann["file_name"]
+            regions = panoptic_regions(ann["segments_info"], png_path, label_of, is_thing_cat, width, height, stats)
+            segmentation = panoptic_semantic_mask(ann["segments_info"], png_path, label_of)
+            if segmentation.shape != (height, width):
+                raise ValueError(f"panoptic PNG {png_path} is {segmentation.shape[1]}x{segmentation.shape[0]} px but "
+                                 f"image {image_id} is {width}x{height}")
             stats["images"] += 1
             yield image_id, {
                 "image": image_for_tfds(path),
@@ -387,7 +410,7 @@ class CocoPanopticBoxes(tfds.core.GeneratorBasedBuilder):
                 "file_name": path.name,
                 "captions": [],
                 "regions": regions,
-                "segmentation": no_segmentation(),
+                "segmentation": segmentation,
             }
 
 

@@ -15,8 +15,9 @@ Conventions:
 - `segmentation`: uint8 (H, W) semantic mask at the image's own resolution, a class index per pixel (same class
   list), `SEGMENTATION_IGNORE` (255) where no class applies (background, void); an empty (0, 0) array when the
   record has no mask (training splits, retrieval sets). At most 255 classes.
-Class metadata (names, `is_thing` for panoptic, `is_novel` for open-vocabulary splits) goes into `tfds.core.MetadataDict` under the keys
-`class_names` and `is_thing`.
+Class metadata goes into `tfds.core.MetadataDict`: `class_names` (the class list), `is_thing` (panoptic: one bool
+per class) and `is_novel` (open-vocabulary sets: one bool per class, True for classes without training regions;
+absent when the dataset has no novel classes, so read it with `metadata.get("is_novel")`).
 
 Read back through `tfds.data_source` (no TensorFlow), a record is a dict: `image` uint8 HWC ndarray, `image_id`
 int, `file_name` bytes, `captions` list[bytes], and `regions` a dict of lists (`box` list of float32 (4,) arrays,

@@ -6,10 +6,19 @@ object with its size, colour and position or its relation to the other objects),
 region caption ("a large red circle in the top left"), a lexeme ("red circle") and a class label
 (colour x shape, 36 classes). Images come in pairs (2k, 2k+1): the second is a hard negative of the first with the
 same background and the same objects but two colours, two shapes or two positions swapped, so that only attribute
-binding / spatial relations separate the pair's captions.
+binding / spatial relations separate the pair's captions. Val/test records carry a semantic mask
+(`segmentation`: each pixel's visible object's class label, 255 on background); train records an empty one.
 
-Generation is deterministic: example `index` of `split` depends only on (config seed, split, index). A default
-build (10k/1k/1k images of 128 px) takes ~85 MB (build times: docs/scenes.md). Usage:
+Open-vocabulary configs (`ov`, `ov_small`, `ov_tiny`; `ScenesConfig.open_vocab`): every mention of a colour or
+shape is a synonym drawn per mention (COLOUR_SYNONYMS, SHAPE_SYNONYMS: "a scarlet disc in the top left"), region
+captions leave out the size word, and each lexeme is the noun phrase that the rule-based lexeme extractor
+(lexemes.py) takes from the region caption ("scarlet disc"). In the train split, objects of the 9 NOVEL_CLASSES are
+drawn and named in the global captions but have no region (no box, region caption, lexeme or label), as novel
+categories in OV-COCO; every train image keeps >= 1 region. Val/test annotate every object. Class names (the
+evaluation prompts) stay canonical; `DatasetInfo.metadata["is_novel"]` marks the novel classes.
+
+Generation is deterministic: example `index` of `split` depends only on (config seed, split, index, open_vocab).
+A default build (10k/1k/1k images of 128 px) takes ~85 MB (build times: docs/scenes.md). Usage:
 
     builder = Scenes(config="default", data_dir=...)     # or tfds.data_source("scenes/default", ...)
     builder.download_and_prepare()                        # generates; nothing is downloaded
@@ -30,7 +39,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from harmoclip_jax.data.features import no_segmentation, record_features
+from harmoclip_jax.data.features import SEGMENTATION_IGNORE, no_segmentation, record_features
+from harmoclip_jax.data.lexemes import LexemeExtractor
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -42,6 +52,34 @@ COLOUR_RGB = np.array(
 SIZES = ("small", "large")
 CLASS_NAMES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
 NUM_CLASSES = len(CLASS_NAMES)  # 36
+
+# Open-vocabulary configs: the classes whose objects are drawn and named in global captions but get no region
+# annotation in the train split (the OV-COCO situation). One per colour and one per shape (a permutation) plus
+# three more, so every colour and every shape keeps 4-5 base classes.
+NOVEL_CLASSES = (
+    "red star", "green circle", "blue triangle", "blue ring", "yellow square", "yellow ring", "purple cross",
+    "orange circle", "orange triangle",
+)
+IS_NOVEL = tuple(name in NOVEL_CLASSES for name in CLASS_NAMES)
+# Open-vocabulary configs name colours and shapes with these words, one drawn per mention. The canonical word is
+# kept as one option, so a lexeme equals its class name for ~1 region in 9 (1 in 6 for crosses). Colour words are
+# single words, so a lexeme splits into (colour word, shape word(s)) at its first space.
+COLOUR_SYNONYMS = {
+    "red": ("crimson", "scarlet", "red"),
+    "green": ("emerald", "lime", "green"),
+    "blue": ("azure", "cobalt", "blue"),
+    "yellow": ("golden", "lemon", "yellow"),
+    "purple": ("violet", "plum", "purple"),
+    "orange": ("amber", "tangerine", "orange"),
+}
+SHAPE_SYNONYMS = {
+    "circle": ("disc", "dot", "circle"),
+    "square": ("box", "block", "square"),
+    "triangle": ("wedge", "pyramid", "triangle"),
+    "star": ("pentagram", "asterisk", "star"),
+    "cross": ("plus sign", "cross"),
+    "ring": ("hoop", "doughnut", "ring"),
+}
 
 # 3x3 grid: (row, col) -> phrase used in captions.
 _CELL_NAMES = {
@@ -89,6 +127,10 @@ class SceneObject:
         return self.colour * len(SHAPES) + self.shape
 
     @property
+    def is_novel(self) -> bool:
+        return IS_NOVEL[self.label]
+
+    @property
     def lexeme(self) -> str:
         return f"{COLOURS[self.colour]} {SHAPES[self.shape]}"
 
@@ -109,6 +151,9 @@ class RenderedScene:
     boxes: np.ndarray  # float32 (n, 4): tight xyxy of each visible mask, normalised to [0, 1]
     captions: tuple[str, ...]  # exactly 5
     variant: str  # "base", "swap_colour", "swap_shape" or "swap_position"
+    region_captions: tuple[str, ...]  # per object (open vocabulary: with synonyms, without the size word)
+    lexemes: tuple[str, ...]  # per object (open vocabulary: extracted from the region caption)
+    annotated: tuple[bool, ...]  # per object: gets a region in the record (False: novel class, OV train split)
 
 
 # ----------------------------------------------------------------------------------------------- drawing
@@ -227,8 +272,30 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def _caption_templates(objects: list[SceneObject], rng: np.random.Generator) -> list[str]:
-    """Six paraphrases; each names every object with size, colour, shape and where it is."""
+def _canonical_noun_phrase(obj: SceneObject) -> str:
+    return obj.noun_phrase
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _synonym_namer(rng: np.random.Generator):
+    """Open vocabulary: obj -> "<colour word> <shape word>", a fresh synonym choice from `rng` per call."""
+
+    def name(obj: SceneObject) -> str:
+        colours, shapes = COLOUR_SYNONYMS[COLOURS[obj.colour]], SHAPE_SYNONYMS[SHAPES[obj.shape]]
+        return f"{colours[int(rng.integers(len(colours)))]} {shapes[int(rng.integers(len(shapes)))]}"
+
+    return name
+
+
+def _caption_templates(objects: list[SceneObject], rng: np.random.Generator,
+                       noun_phrase=_canonical_noun_phrase) -> list[str]:
+    """Six paraphrases; each names every object with size, colour, shape and where it is.
+
+    `noun_phrase(obj)` names one mention of an object ("a large red circle"); `rng` draws only the object orders.
+    """
     o = objects
     n = len(o)
 
@@ -237,29 +304,29 @@ def _caption_templates(objects: list[SceneObject], rng: np.random.Generator) -> 
 
     captions = []
     a = order()
-    captions.append(_sentence(_join([f"{x.noun_phrase} {position_phrase(x.cell)}" for x in a])))
+    captions.append(_sentence(_join([f"{noun_phrase(x)} {position_phrase(x.cell)}" for x in a])))
     a = order()
-    captions.append(_sentence("there is " + _join([f"{x.noun_phrase} {position_phrase(x.cell)}" for x in a])))
+    captions.append(_sentence("there is " + _join([f"{noun_phrase(x)} {position_phrase(x.cell)}" for x in a])))
     # A chain of pairwise relations, read left to right.
     a = sorted(o, key=lambda x: (x.cell[1], x.cell[0]))
-    chain = f"{a[0].noun_phrase} is {relation_phrase(a[0].cell, a[1].cell)} {a[1].noun_phrase}"
+    chain = f"{noun_phrase(a[0])} is {relation_phrase(a[0].cell, a[1].cell)} {noun_phrase(a[1])}"
     for prev, nxt in zip(a[1:], a[2:]):
-        chain += f", which is {relation_phrase(prev.cell, nxt.cell)} {nxt.noun_phrase}"
+        chain += f", which is {relation_phrase(prev.cell, nxt.cell)} {noun_phrase(nxt)}"
     captions.append(_sentence(chain))
     # Everything relative to one anchor object.
     a = order()
     anchor, rest = a[0], a[1:]
     captions.append(_sentence(
-        f"an image of {anchor.noun_phrase} with "
-        + _join([f"{x.noun_phrase} {relation_phrase(x.cell, anchor.cell)} it" for x in rest])
+        f"an image of {noun_phrase(anchor)} with "
+        + _join([f"{noun_phrase(x)} {relation_phrase(x.cell, anchor.cell)} it" for x in rest])
     ))
     a = order()
     captions.append(_sentence(
         f"{_NUMBER_WORDS[n]} shapes on a noisy background: "
-        + _join([f"{x.noun_phrase} {position_phrase(x.cell)}" for x in a])
+        + _join([f"{noun_phrase(x)} {position_phrase(x.cell)}" for x in a])
     ))
     a = order()
-    captions.append(_sentence(_join([f"{position_phrase(x.cell)} is {x.noun_phrase}" for x in a])))
+    captions.append(_sentence(_join([f"{position_phrase(x.cell)} is {noun_phrase(x)}" for x in a])))
     return captions
 
 
@@ -304,23 +371,50 @@ def _visible_enough(visible: np.ndarray, full: np.ndarray) -> bool:
     return bool(np.all(visible.sum((1, 2)) >= MIN_VISIBLE_FRACTION * full.sum((1, 2))))
 
 
-def generate_example(seed: int, split: str, index: int, image_size: int) -> RenderedScene:
-    """Renders example `index` of `split`, a pure function of (seed, split, index, image_size).
+def generate_example(seed: int, split: str, index: int, image_size: int, open_vocab: bool = False) -> RenderedScene:
+    """Renders example `index` of `split`, a pure function of (seed, split, index, image_size, open_vocab).
 
     Examples 2k and 2k+1 share their pair's layout rng; 2k+1 is the hard negative (one swap) of 2k. The pair's
     first object cycles through all 36 classes (pair k -> a fixed permutation's entry k mod 36), so every
     split with >= 72 images contains every class.
+
+    open_vocab: name colours and shapes with synonyms (COLOUR_SYNONYMS, SHAPE_SYNONYMS), region captions without
+    the size word, lexemes extracted from the region captions, and in the train split no region annotation for
+    objects of NOVEL_CLASSES (`annotated`); a train pair whose base or negative image would have only novel
+    objects is resampled. Otherwise the layouts and pixels are those of the closed-vocabulary scene, so the
+    val/test images of an open-vocabulary config equal those of the closed-vocabulary config of the same size.
     """
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
     pair, is_negative = divmod(index, 2)
-    return _generate_pair(seed, _SPLIT_IDS[split], pair, image_size)[is_negative]
+    return _generate_pair(seed, _SPLIT_IDS[split], pair, image_size, bool(open_vocab))[is_negative]
+
+
+@functools.cache
+def _lexeme_extractor() -> LexemeExtractor:
+    # The rule backend: builds must not depend on whether (or which) spaCy model is installed.
+    return LexemeExtractor(backend="rules")
+
+
+def _open_vocab_text(objs: list[SceneObject], caption_rng: np.random.Generator, synonym_rng: np.random.Generator
+                     ) -> tuple[list[str], tuple[str, ...], tuple[str, ...]]:
+    """(six caption templates, region captions, lexemes) of one open-vocabulary scene."""
+    name = _synonym_namer(synonym_rng)
+    templates = _caption_templates(objs, caption_rng, lambda x: f"a {SIZES[x.size]} {name(x)}")
+    names = [name(x) for x in objs]
+    region_captions = tuple(f"{_article(n)} {n} {position_phrase(x.cell)}" for n, x in zip(names, objs))
+    lexemes = tuple(_lexeme_extractor().primary(region_captions))
+    if list(lexemes) != names:  # a synonym the extractor splits differently would make lexemes lie
+        raise ValueError(f"lexeme extraction of {region_captions} gave {lexemes}, expected {names}")
+    return templates, region_captions, lexemes
 
 
 @functools.lru_cache(maxsize=4)  # consecutive indices 2k, 2k+1 render the pair once
-def _generate_pair(seed: int, split_id: int, pair: int, image_size: int) -> tuple[RenderedScene, RenderedScene]:
+def _generate_pair(seed: int, split_id: int, pair: int, image_size: int, open_vocab: bool = False
+                   ) -> tuple[RenderedScene, RenderedScene]:
     """The (base, hard negative) scenes of one pair; both must place every object visibly."""
     class_cycle = np.random.default_rng([seed, split_id, 1 << 30]).permutation(NUM_CLASSES)
+    drop_novel = open_vocab and split_id == _SPLIT_IDS["train"]
     for attempt in range(100):
         layout_rng = np.random.default_rng([seed, split_id, pair, attempt])
         n = int(layout_rng.integers(2, 5))
@@ -331,6 +425,8 @@ def _generate_pair(seed: int, split_id: int, pair: int, image_size: int) -> tupl
         i, j = (int(v) for v in layout_rng.choice(n, size=2, replace=False))
         variants = {"base": objects, swap_kind: _swap(objects, swap_kind, i, j)}
         render_seed = int(layout_rng.integers(1 << 31))
+        if drop_novel and any(all(x.is_novel for x in objs) for objs in variants.values()):
+            continue  # a training image needs at least one annotated region
         # Both images of a pair are rendered (same background rng) and must both be valid, so the negative is
         # always a faithful swap of its base.
         rendered = {}
@@ -343,7 +439,13 @@ def _generate_pair(seed: int, split_id: int, pair: int, image_size: int) -> tupl
             scenes = []
             for is_negative, (kind, (objs, image, visible)) in enumerate(rendered.items()):
                 caption_rng = np.random.default_rng([seed, split_id, pair, is_negative, 7])
-                templates = _caption_templates(objs, caption_rng)
+                if open_vocab:
+                    synonym_rng = np.random.default_rng([seed, split_id, pair, is_negative, 11])
+                    templates, region_captions, lexemes = _open_vocab_text(objs, caption_rng, synonym_rng)
+                else:
+                    templates = _caption_templates(objs, caption_rng)
+                    region_captions = tuple(x.region_caption for x in objs)
+                    lexemes = tuple(x.lexeme for x in objs)
                 keep = sorted(caption_rng.choice(len(templates), size=5, replace=False))
                 scenes.append(RenderedScene(
                     image=image,
@@ -352,6 +454,9 @@ def _generate_pair(seed: int, split_id: int, pair: int, image_size: int) -> tupl
                     boxes=_tight_boxes(visible),
                     captions=tuple(templates[k] for k in keep),
                     variant=kind,
+                    region_captions=region_captions,
+                    lexemes=lexemes,
+                    annotated=tuple(not (drop_novel and x.is_novel) for x in objs),
                 ))
             return scenes[0], scenes[1]
     raise RuntimeError(f"could not place the objects of pair {pair} in split {split_id} (seed {seed})")
@@ -363,20 +468,36 @@ def encode_jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def semantic_mask(scene: RenderedScene) -> np.ndarray:
+    """uint8 (S, S): the class label of the visible object at each pixel, SEGMENTATION_IGNORE on background.
+
+    Every object is in the mask, annotated or not (visible masks do not overlap: later objects cover earlier).
+    """
+    mask = np.full(scene.masks.shape[1:], SEGMENTATION_IGNORE, np.uint8)
+    for obj, visible in zip(scene.objects, scene.masks):
+        mask[visible] = obj.label
+    return mask
+
+
 def scene_record(scene: RenderedScene, split: str, index: int) -> dict:
-    """The `features.record_features` dict of one rendered scene (image as JPEG bytes, never numpy)."""
+    """The `features.record_features` dict of one rendered scene (image as JPEG bytes, never numpy).
+
+    Regions: the annotated objects only (see `RenderedScene.annotated`). `segmentation`: the semantic mask in
+    val/test, empty in train (to save space).
+    """
+    keep = [k for k, annotated in enumerate(scene.annotated) if annotated]
     return {
         "image": encode_jpeg(scene.image),
         "image_id": index,
         "file_name": f"scenes_{split}_{index:06d}.jpg",
         "captions": list(scene.captions),
         "regions": {
-            "box": scene.boxes,
-            "caption": [obj.region_caption for obj in scene.objects],
-            "lexeme": [obj.lexeme for obj in scene.objects],
-            "label": np.asarray([obj.label for obj in scene.objects], dtype=np.int64),
+            "box": scene.boxes[keep].reshape(-1, 4),
+            "caption": [scene.region_captions[k] for k in keep],
+            "lexeme": [scene.lexemes[k] for k in keep],
+            "label": np.asarray([scene.objects[k].label for k in keep], dtype=np.int64),
         },
-        "segmentation": no_segmentation(),
+        "segmentation": no_segmentation() if split == "train" else semantic_mask(scene),
     }
 
 
@@ -385,13 +506,18 @@ def scene_record(scene: RenderedScene, split: str, index: int) -> dict:
 
 @dataclasses.dataclass
 class ScenesConfig(tfds.core.BuilderConfig):
-    """Size of the generated dataset. Eval splits need >= 72 images so every one of the 36 classes occurs."""
+    """Size of the generated dataset. Eval splits need >= 72 images so every one of the 36 classes occurs.
+
+    open_vocab: synonyms in all text, lexemes extracted from region captions, and no train regions of
+    NOVEL_CLASSES (see `generate_example`); metadata gets `is_novel`.
+    """
 
     image_size: int = 128
     num_train: int = 10_000
     num_val: int = 1_000
     num_test: int = 1_000
     seed: int = 0
+    open_vocab: bool = False
 
 
 _MIN_EVAL_IMAGES = 2 * NUM_CLASSES
@@ -401,13 +527,24 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
     """Procedural image-text-regions dataset; see the module docstring and docs/scenes.md."""
 
     VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Records carry a `segmentation` field (see features.py)."}
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Records carry a `segmentation` field (see features.py): the semantic mask in val/test, empty in "
+                 "train. Open-vocabulary configs ov, ov_small, ov_tiny (synonyms, novel classes unannotated in "
+                 "train, metadata `is_novel`). The images and text of default, small and tiny are unchanged.",
+    }
     BUILDER_CONFIGS = [
         ScenesConfig(name="default", description="128 px, 10k train / 1k val / 1k test images."),
         ScenesConfig(name="small", description="96 px, 2k train / 200 val / 200 test images (quick demos).",
                      image_size=96, num_train=2_000, num_val=200, num_test=200),
         ScenesConfig(name="tiny", description="64 px, 96 train / 72 val / 72 test images (unit tests).",
                      image_size=64, num_train=96, num_val=72, num_test=72),
+        ScenesConfig(name="ov", description="Open vocabulary (synonyms; 9 novel classes without train regions), "
+                     "128 px, 10k train / 1k val / 1k test images.", open_vocab=True),
+        ScenesConfig(name="ov_small", description="Open vocabulary, 96 px, 2k train / 200 val / 200 test images.",
+                     image_size=96, num_train=2_000, num_val=200, num_test=200, open_vocab=True),
+        ScenesConfig(name="ov_tiny", description="Open vocabulary, 64 px, 96 train / 72 val / 72 test images.",
+                     image_size=64, num_train=96, num_val=72, num_test=72, open_vocab=True),
     ]
     DEFAULT_CONFIG_NAME = "default"
 
@@ -424,11 +561,14 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
                              "for small objects to stay recognisable")
 
     def _info(self) -> tfds.core.DatasetInfo:
+        metadata = {"class_names": list(CLASS_NAMES)}
+        if self.builder_config.open_vocab:  # closed-vocabulary configs have no novel classes and no key
+            metadata["is_novel"] = list(IS_NOVEL)
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
             features=record_features(encoding_format="jpeg"),
-            metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES)),
+            metadata=tfds.core.MetadataDict(**metadata),
         )
 
     def _split_generators(self, dl_manager):
@@ -442,7 +582,7 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict]]:
         config = self.builder_config
         for index in range(count):
-            scene = generate_example(config.seed, split, index, config.image_size)
+            scene = generate_example(config.seed, split, index, config.image_size, config.open_vocab)
             yield index, scene_record(scene, split, index)
 
 
@@ -456,8 +596,10 @@ def load_source(split: str, *, config: str = "default", data_dir: str | None = N
 # ---------------------------------------------------------------------------------------------- preview
 
 
-def draw_preview(path: str, *, seed: int = 0, image_size: int = 128, num_pairs: int = 3, scale: int = 3) -> None:
-    """Saves a PNG of `num_pairs` base/hard-negative pairs with boxes, region captions and 2 global captions."""
+def draw_preview(path: str, *, seed: int = 0, image_size: int = 128, num_pairs: int = 3, scale: int = 3,
+                 open_vocab: bool = False, split: str = "val") -> None:
+    """Saves a PNG of `num_pairs` base/hard-negative pairs with boxes, region captions and 2 global captions
+    (annotated objects only: the train split of an open-vocabulary config shows no box on novel objects)."""
     from PIL import ImageFont
 
     font = ImageFont.load_default()
@@ -465,14 +607,16 @@ def draw_preview(path: str, *, seed: int = 0, image_size: int = 128, num_pairs: 
     text_height = 150
     sheet = Image.new("RGB", (tile * num_pairs * 2 + 10 * (num_pairs * 2 - 1), tile + text_height), "white")
     for k in range(num_pairs * 2):
-        scene = generate_example(seed, "val", k, image_size)
+        scene = generate_example(seed, split, k, image_size, open_vocab)
         picture = Image.fromarray(scene.image).resize((tile, tile), Image.NEAREST)
         draw = ImageDraw.Draw(picture)
-        for obj, box in zip(scene.objects, scene.boxes):
+        for region_caption, box, annotated in zip(scene.region_captions, scene.boxes, scene.annotated):
+            if not annotated:
+                continue
             x0, y0, x1, y1 = (box * tile).tolist()
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline="white", width=2)
-            draw.text((x0 + 2, max(0, y0 - 11)), obj.region_caption.removeprefix("a "), fill="white", font=font,
-                      stroke_width=2, stroke_fill="black")
+            label = region_caption.removeprefix("a ").removeprefix("an ")
+            draw.text((x0 + 2, max(0, y0 - 11)), label, fill="white", font=font, stroke_width=2, stroke_fill="black")
         x = k * (tile + 10)
         sheet.paste(picture, (x, 0))
         draw = ImageDraw.Draw(sheet)
@@ -494,11 +638,14 @@ def draw_preview(path: str, *, seed: int = 0, image_size: int = 128, num_pairs: 
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preview", metavar="PNG", help="write a picture of a few samples to this path")
-    parser.add_argument("--build", metavar="CONFIG", help="generate this config (default/small/tiny) into --data_dir")
+    parser.add_argument("--build", metavar="CONFIG",
+                        help="generate this config (default/small/tiny/ov/ov_small/ov_tiny) into --data_dir")
+    parser.add_argument("--open_vocab", action="store_true", help="--preview: open-vocabulary text")
+    parser.add_argument("--split", default="val", choices=sorted(_SPLIT_IDS), help="--preview: the split shown")
     parser.add_argument("--data_dir", default=None)
     args = parser.parse_args()
     if args.preview:
-        draw_preview(args.preview)
+        draw_preview(args.preview, open_vocab=args.open_vocab, split=args.split)
         print(f"wrote {args.preview}")
     if args.build:
         import time
