@@ -69,3 +69,25 @@ def test_box_classification_top2_miss_and_thing_stuff():
 def test_box_classification_rejects_bad_labels():
     with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
         box_classification_metrics(np.zeros((2, 2)), np.array([0, 2]))
+
+
+def test_box_classification_base_novel():
+    scores = np.array([[1, 3, 2], [0, 1, 2], [2, 1, 0]], np.float32)
+    labels = np.array([0, 1, 2])  # class 0 ranks 3rd, class 1 2nd, class 2 3rd
+    m = box_classification_metrics(scores, labels, ks=(1, 2), is_novel=[False, True, True])
+    assert m["top2_base"] == 0.0 and m["top2_novel"] == pytest.approx(0.5)
+    assert m["top1_base"] == 0.0 and m["top1_novel"] == 0.0
+    assert "top1_thing" not in m
+    # 4 classes, class 2 (novel) absent: novel is the mean over the novel classes that occur (class 3 only).
+    scores = np.array([[2, 1, 0, 0], [1, 2, 0, 0], [0, 2, 1, 0], [1, 0, 0, 0.5]], np.float32)
+    m = box_classification_metrics(scores, np.array([0, 0, 1, 3]), ks=(1,), is_novel=[False, False, True, True],
+                                   is_thing=[True, True, True, False])
+    assert m["top1_base"] == pytest.approx((0.5 + 1.0) / 2) and m["top1_novel"] == 0.0
+    assert m["top1"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert m["top1_thing"] == pytest.approx(0.75) and m["top1_stuff"] == 0.0
+    # Only base classes present: no novel key (not a misleading 0).
+    m = box_classification_metrics(scores[:3], np.array([0, 0, 1]), ks=(1,), is_novel=[False, False, True, True])
+    assert "top1_novel" not in m and m["top1_base"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="is_novel must have one entry per class"):
+        box_classification_metrics(scores, np.array([0, 0, 1, 3]), is_novel=[True])
+
