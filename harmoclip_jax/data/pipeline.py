@@ -23,10 +23,11 @@ all processes yield the same number of batches (collectives stay in step). One b
 `captions (B, K, 77)` with `caption_mask (B, K)` (the first K captions; K=5 as in COCO/Flickr retrieval),
 `boxes`/`box_mask`/`label` with all regions (at most `eval_max_regions`), `mask (B,)` (False on padding) and
 `index (B,)` (-1 on padding). Two flags that evaluators set through their eval data config (so other evals pay
-nothing): `eval_segmentation=True` adds `segmentation (B, S, S) uint8`, the record's class mask squashed to S x S like
-the image but with NEAREST resampling, `features.SEGMENTATION_IGNORE` (255) where no class applies, where the record
-has no mask and on padding; `eval_regions=False` leaves the regions out (boxes zero, `box_mask` False, `label` -1,
-not checked, no `eval_max_regions` limit).
+nothing; they are not fields of `default_data_config`, and an absent one takes its default):
+`eval_segmentation=True` (default False) adds `segmentation (B, S, S) uint8`, the record's class mask squashed to S
+x S like the image but with NEAREST resampling, `features.SEGMENTATION_IGNORE` (255) where no class applies, where
+the record has no mask and on padding; `eval_regions=False` (default True) leaves the regions out (boxes zero,
+`box_mask` False, `label` -1, not checked, no `eval_max_regions` limit).
 
 The train iterator (`TrainIterator`) has `get_state()` / `set_state()` (JSON: `{"position": i}`); a restored
 iterator continues with exactly the batches the original would have produced. Call `close()` when done
@@ -97,8 +98,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_regions = 8  # T: regions per training image (random subset, padded with box_mask)
     config.eval_max_regions = 16  # regions per eval image; a record with more is an error, never truncated
     config.eval_captions = 5  # K: captions per eval image (COCO/Flickr: 5)
-    config.eval_segmentation = False  # eval batches carry `segmentation` (set by the segmentation evaluator)
-    config.eval_regions = True  # eval batches carry the regions (the segmentation evaluator turns this off)
     config.batch_size = 32  # per process
     config.eval_batch_size = 32  # per process
     config.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
