@@ -24,8 +24,8 @@ all processes yield the same number of batches (collectives stay in step). One b
 `boxes`/`box_mask`/`label` with all regions (at most `eval_max_regions`), `mask (B,)` (False on padding) and
 `index (B,)` (-1 on padding). Two flags that evaluators set through their eval data config (so other evals pay
 nothing; they are not fields of `default_data_config`, and an absent one takes its default):
-`eval_segmentation=True` (default False) adds `segmentation (B, S, S) uint8`, the record's class mask squashed to S
-x S like the image but with NEAREST resampling, `features.SEGMENTATION_IGNORE` (255) where no class applies, where
+`eval_segmentation=True` (default False) adds `segmentation (B, S, S) uint8`, the record's class mask squashed to
+S x S like the image but with NEAREST resampling, `features.SEGMENTATION_IGNORE` (255) where no class applies, where
 the record has no mask and on padding; `eval_regions=False` (default True) leaves the regions out (boxes zero,
 `box_mask` False, `label` -1, not checked, no `eval_max_regions` limit).
 
