@@ -149,3 +149,14 @@ def test_segmentation_evaluator_on_a_tiny_model_and_an_oracle(data_dir, setup):
         if shift == 0:
             assert m["miou_base"] == m["miou_novel"] == m["miou_thing"] == m["miou_stuff"] == 1.0
             assert m["num_classes_evaluated"] == len({int(c) for t in truth for c in np.unique(t)} - {255})
+
+
+def test_box_classification_reports_base_novel_from_metadata(setup):
+    _, params, context = setup
+    eval_config = ml_collections.ConfigDict({"type": "box_classification", "dataset": "seg_eval_scenes",
+                                             "split": "val"})
+    with jax.set_mesh(context.mesh):
+        metrics = evaluators.build("boxcls", eval_config, context).run(params)
+    for key in ("top1", "top1_base", "top1_novel", "top5_thing", "top5_stuff"):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics)
+    assert metrics["num_boxes"] >= 2 * NUM_RECORDS  # scenes have 2-4 objects each
