@@ -179,6 +179,8 @@ class Trainer:
             encode_regions=jax.jit(encode_regions, in_shardings=(p_sh, b_sh, b_sh), out_shardings=repl),
             encode_texts=encode_texts,
             tokenize=self.tokenize,
+            encode_dense=jax.jit(lambda p, x: glue.merge(p).encode_dense(x), in_shardings=(p_sh, b_sh),
+                                 out_shardings=repl),
         )
 
 

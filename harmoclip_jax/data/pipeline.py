@@ -22,7 +22,12 @@ Eval (`make_eval_iterator`): every record of the process's shard exactly once, i
 all processes yield the same number of batches (collectives stay in step). One batch holds `image`,
 `captions (B, K, 77)` with `caption_mask (B, K)` (the first K captions; K=5 as in COCO/Flickr retrieval),
 `boxes`/`box_mask`/`label` with all regions (at most `eval_max_regions`), `mask (B,)` (False on padding) and
-`index (B,)` (-1 on padding).
+`index (B,)` (-1 on padding). Two flags that evaluators set through their eval data config (so other evals pay
+nothing; they are not fields of `default_data_config`, and an absent one takes its default):
+`eval_segmentation=True` (default False) adds `segmentation (B, S, S) uint8`, the record's class mask squashed to
+S x S like the image but with NEAREST resampling, `features.SEGMENTATION_IGNORE` (255) where no class applies, where
+the record has no mask and on padding; `eval_regions=False` (default True) leaves the regions out (boxes zero,
+`box_mask` False, `label` -1, not checked, no `eval_max_regions` limit).
 
 The train iterator (`TrainIterator`) has `get_state()` / `set_state()` (JSON: `{"position": i}`); a restored
 iterator continues with exactly the batches the original would have produced. Call `close()` when done
@@ -54,6 +59,7 @@ import numpy as np
 from PIL import Image
 
 from harmoclip_jax.data import registry
+from harmoclip_jax.data.features import SEGMENTATION_IGNORE
 from harmoclip_jax.models.normalization import OPENAI_CLIP
 from harmoclip_jax.ops import boxes as box_ops
 
@@ -219,6 +225,25 @@ def _regions(record: dict) -> tuple[np.ndarray, list[str], list[str], np.ndarray
     return boxes, captions, lexemes, labels
 
 
+def resize_segmentation(mask: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 (H, W) class mask squashed to (size, size) with NEAREST resampling (labels are never blended); an
+    empty (0, 0) mask (record without one) becomes all `SEGMENTATION_IGNORE`."""
+    mask = np.asarray(mask, np.uint8)
+    if mask.size == 0:
+        return np.full((size, size), SEGMENTATION_IGNORE, np.uint8)
+    if mask.shape == (size, size):
+        return mask.copy()
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST), np.uint8)
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of an encoded image (header only) or an HWC array."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    width, height = Image.open(io.BytesIO(image)).size
+    return int(height), int(width)
+
+
 def _describe(record: dict, index: int) -> str:
     name = _to_str(record.get("file_name", b"")) or "?"
     return f"record {index} (image_id={record.get('image_id', '?')}, file_name={name!r})"
@@ -379,7 +404,9 @@ class EvalTransform:
     """Position in the padded shard -> an eval example (padding beyond the shard). Strict: raises on bad data."""
 
     def __init__(self, *, source: Sequence, record_indices: np.ndarray, inputs: ModelInputs, max_regions: int,
-                 num_captions: int, split_name: str):
+                 num_captions: int, split_name: str, segmentation: bool = False, regions: bool = True):
+        self.segmentation = segmentation
+        self.regions = regions
         self.source = source
         self.record_indices = record_indices
         self.inputs = inputs
@@ -399,6 +426,8 @@ class EvalTransform:
             "mask": np.bool_(False),
             "index": np.int32(-1),
         }
+        if self.segmentation:
+            example["segmentation"] = np.full((s, s), SEGMENTATION_IGNORE, np.uint8)
         if position >= len(self.record_indices):
             return example
         record_index = int(self.record_indices[position])
@@ -418,20 +447,28 @@ class EvalTransform:
         if captions:
             example["captions"][: len(captions)] = self.inputs.tokens(captions)
             example["caption_mask"][: len(captions)] = True
-        try:
-            boxes, _, _, labels = _regions(record)
-        except ValueError as error:
-            raise fail(str(error)) from error
-        ok, problems = _check_boxes(boxes)
-        if not ok.all():
-            raise fail("; ".join(p for p in problems if p))
-        if len(boxes) > t:
-            raise fail(f"{len(boxes)} regions but eval_max_regions={t} (eval never drops regions); raise "
-                       "config.data.eval_max_regions")
-        n = len(boxes)
-        example["boxes"][:n] = np.clip(boxes, 0.0, 1.0) * np.float32(s)
-        example["box_mask"][:n] = True
-        example["label"][:n] = labels
+        if self.segmentation:
+            mask = np.asarray(record.get("segmentation", np.zeros((0, 0), np.uint8)))
+            if mask.size:
+                if mask.ndim != 2 or mask.shape != _image_size(record["image"]):
+                    raise fail(f"segmentation mask of shape {mask.shape} for an image of (height, width) "
+                               f"{_image_size(record['image'])}; the mask must be at the image's own resolution")
+            example["segmentation"] = resize_segmentation(mask, s)
+        if self.regions:
+            try:
+                boxes, _, _, labels = _regions(record)
+            except ValueError as error:
+                raise fail(str(error)) from error
+            ok, problems = _check_boxes(boxes)
+            if not ok.all():
+                raise fail("; ".join(p for p in problems if p))
+            if len(boxes) > t:
+                raise fail(f"{len(boxes)} regions but eval_max_regions={t} (eval never drops regions); raise "
+                           "config.data.eval_max_regions")
+            n = len(boxes)
+            example["boxes"][:n] = np.clip(boxes, 0.0, 1.0) * np.float32(s)
+            example["box_mask"][:n] = True
+            example["label"][:n] = labels
         example["mask"] = np.bool_(True)
         example["index"] = np.int32(record_index)
         return example
@@ -630,7 +667,9 @@ def make_eval_dataset(config: ml_collections.ConfigDict, *, split: str | None = 
     batches = num_eval_batches(config, len(source), process_count)
     transform = EvalTransform(source=source, record_indices=record_indices, inputs=ModelInputs.from_config(config),
                               max_regions=config.eval_max_regions, num_captions=config.eval_captions,
-                              split_name=f"{config.dataset}:{split}")
+                              split_name=f"{config.dataset}:{split}",
+                              segmentation=bool(config.get("eval_segmentation", False)),
+                              regions=bool(config.get("eval_regions", True)))
     ds = grain.MapDataset.range(batches * config.eval_batch_size).map(transform)
     ds = ds.batch(config.eval_batch_size, drop_remainder=True)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,

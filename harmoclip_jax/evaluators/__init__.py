@@ -6,8 +6,10 @@ An evaluator is built as `EVALUATORS[type](name, eval_config, context)` and `run
 from harmoclip_jax.evaluators.box_classification import BoxClassificationEvaluator, box_classification_metrics
 from harmoclip_jax.evaluators.common import EvalContext, EvalFns
 from harmoclip_jax.evaluators.retrieval import RetrievalEvaluator, retrieval_metrics
+from harmoclip_jax.evaluators.segmentation import SegmentationEvaluator, confusion_matrix, segmentation_metrics
 
-EVALUATORS = {"retrieval": RetrievalEvaluator, "box_classification": BoxClassificationEvaluator}
+EVALUATORS = {"retrieval": RetrievalEvaluator, "box_classification": BoxClassificationEvaluator,
+              "segmentation": SegmentationEvaluator}
 
 
 def build(name: str, eval_config, context: EvalContext):
@@ -18,4 +20,5 @@ def build(name: str, eval_config, context: EvalContext):
 
 
 __all__ = ["EVALUATORS", "EvalContext", "EvalFns", "build", "box_classification_metrics", "retrieval_metrics",
-           "BoxClassificationEvaluator", "RetrievalEvaluator"]
+           "confusion_matrix", "segmentation_metrics", "BoxClassificationEvaluator", "RetrievalEvaluator",
+           "SegmentationEvaluator"]

@@ -3,7 +3,8 @@
 Class embeddings come from prompt templates (a ViLD-style ensemble: each template's embedding L2-normalised,
 averaged over templates, renormalised), recomputed from the CURRENT text tower at every eval. Reports top-1/top-5
 as per-class mean (FineCLIP's "mAcc", over classes present) and micro (per box), and the thing/stuff split of the
-per-class mean when the dataset's metadata has `is_thing` (COCO panoptic).
+per-class mean when the dataset's metadata has `is_thing` (COCO panoptic), and the base/novel split when it has
+`is_novel` (open-vocabulary splits).
 """
 from __future__ import annotations
 
@@ -37,15 +38,17 @@ DEFAULT_TEMPLATES = (
 
 
 def box_classification_metrics(scores: np.ndarray, labels: np.ndarray, is_thing: Sequence[bool] | None = None,
-                               ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+                               ks: Sequence[int] = (1, 5), is_novel: Sequence[bool] | None = None) -> dict[str, float]:
     """Top-k accuracies of per-box class scores.
 
     Args:
       scores: (R, C) class scores per box (higher = more likely); labels: (R,) ints in [0, C).
       is_thing: optional (C,) bools; adds the per-class mean over thing and over stuff classes.
+      is_novel: optional (C,) bools; adds the per-class mean over base and over novel classes.
     Returns:
-      `top{k}` (mean over the classes that occur of the per-class accuracy), `top{k}_micro` (over boxes), and
-      `top{k}_thing` / `top{k}_stuff`. A box is a hit at k if fewer than k classes score at least as high as its
+      `top{k}` (mean over the classes that occur of the per-class accuracy), `top{k}_micro` (over boxes),
+      `top{k}_thing` / `top{k}_stuff` and `top{k}_base` / `top{k}_novel` (each only when a class of the group
+      occurs). A box is a hit at k if fewer than k classes score at least as high as its
       true class (ties count against it).
     """
     scores = np.asarray(scores, np.float32)
@@ -58,19 +61,30 @@ def box_classification_metrics(scores: np.ndarray, labels: np.ndarray, is_thing:
     true = scores[np.arange(r), labels]
     rank = (scores >= true[:, None]).sum(1) - 1
     present = np.bincount(labels, minlength=c) > 0
+    is_thing = class_flags(is_thing, c, "is_thing")
+    is_novel = class_flags(is_novel, c, "is_novel")
     out = {}
     for k in ks:
         hit = (rank < k).astype(np.float64)
         per_class = np.bincount(labels, weights=hit, minlength=c) / np.maximum(np.bincount(labels, minlength=c), 1)
         out[f"top{k}"] = float(per_class[present].mean())
         out[f"top{k}_micro"] = float(hit.mean())
-        if is_thing is not None:
-            thing = np.asarray(is_thing, bool)
-            if thing.shape != (c,):
-                raise ValueError(f"is_thing must have one entry per class ({c}), got {thing.shape}")
-            for name, group in (("thing", thing), ("stuff", ~thing)):
+        for flags, names in ((is_thing, ("thing", "stuff")), (is_novel, ("novel", "base"))):
+            if flags is None:
+                continue
+            for name, group in zip(names, (flags, ~flags)):
                 if (present & group).any():
                     out[f"top{k}_{name}"] = float(per_class[present & group].mean())
+    return out
+
+
+def class_flags(flags: Sequence[bool] | None, num_classes: int, name: str) -> np.ndarray | None:
+    """Per-class metadata flags (`is_thing`, `is_novel`) as a (C,) bool array, checked; None stays None."""
+    if flags is None:
+        return None
+    out = np.asarray(flags, bool)
+    if out.shape != (num_classes,):
+        raise ValueError(f"{name} must have one entry per class ({num_classes}), got {out.shape}")
     return out
 
 
@@ -101,6 +115,7 @@ class BoxClassificationEvaluator:
             raise ValueError(f"eval {name}: dataset {eval_config.dataset} has no class_names metadata; box "
                              "classification needs a labelled dataset (e.g. scenes, coco_panoptic_boxes)")
         self.is_thing = meta.get("is_thing") or None
+        self.is_novel = meta.get("is_novel") or None
         self.templates = tuple(eval_config.get("templates") or DEFAULT_TEMPLATES)
 
     def run(self, params) -> dict[str, float]:
@@ -113,6 +128,7 @@ class BoxClassificationEvaluator:
         valid = rows["box_mask"].astype(bool) & (rows["label"] >= 0)
         regions = rows["region"][valid]
         regions = l2_normalize(regions)
-        metrics = box_classification_metrics(regions @ classes.T, rows["label"][valid], self.is_thing)
+        metrics = box_classification_metrics(regions @ classes.T, rows["label"][valid], self.is_thing,
+                                             is_novel=self.is_novel)
         metrics["num_boxes"] = float(valid.sum())
         return metrics

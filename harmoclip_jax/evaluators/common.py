@@ -1,6 +1,7 @@
 """What evaluators share: the context they run in and the sharded-embedding collection loop."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Sequence
 
@@ -18,6 +19,7 @@ class EvalFns:
 
     encode_images(params, images (B,S,S,3)) -> (B,E); encode_captions(params, tokens (B,K,L)) -> (B,K,E);
     encode_regions(params, images, boxes (B,T,4)) -> (B,T,E); encode_texts(params, tokens (N,L)) -> (N,E);
+    encode_dense(params, images) -> (B,h,w,E) patch features in the joint space (the model's `encode_dense`);
     tokenize(texts) -> (N, L) int32 token ids for this model.
     """
 
@@ -26,6 +28,7 @@ class EvalFns:
     encode_regions: Callable
     encode_texts: Callable
     tokenize: Callable[[Sequence[str]], np.ndarray]
+    encode_dense: Callable | None = None  # None: a model without dense features (segmentation eval refuses)
 
 
 @dataclasses.dataclass
@@ -53,7 +56,9 @@ def dataset_metadata(dataset: str, data_dir: str | None) -> dict:
     return dict(builder.info.metadata or {})
 
 
-def eval_data_config(context: EvalContext, eval_config) -> ml_collections.ConfigDict:
+def eval_data_config(context: EvalContext, eval_config, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """The pipeline config of one eval: the experiment's data config on the eval's dataset and split, with
+    `overrides` (pipeline flags an evaluator needs, e.g. `eval_segmentation=True`) on top."""
     data = ml_collections.ConfigDict(context.data_config.to_dict())
     data.dataset = eval_config.dataset
     data.eval_split = eval_config.split
@@ -61,37 +66,52 @@ def eval_data_config(context: EvalContext, eval_config) -> ml_collections.Config
     if eval_config.get("max_regions"):
         data.eval_max_regions = eval_config.max_regions
     data.num_workers = 0  # eval is short; worker start-up would dominate
+    for key, value in (overrides or {}).items():
+        data[key] = value
     return data
 
 
-def collect(context: EvalContext, eval_config, params, embed: Callable[[Any, dict], dict],
-            keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """Runs `embed(params, global_batch) -> {name: replicated array}` over the whole eval split.
-
-    Returns numpy arrays over the split's records in record order (padding dropped), plus the batch keys in
-    `keep`. Every process gets the same result. Raises if a record is missing or seen twice.
-    """
-    data = eval_data_config(context, eval_config)
+def eval_batches(context: EvalContext, data: ml_collections.ConfigDict):
+    """The global eval batches (on the mesh) of the split `data` describes (see `eval_data_config`). Use it under
+    `contextlib.closing` so the pipeline closes as soon as the loop ends, also on an error."""
     iterator = pipeline.make_eval_iterator(data)
-    parts: dict[str, list[np.ndarray]] = {}
     try:
         for local in iterator:
-            batch = sharding.put_batch(local, context.mesh)
-            out = sharding.to_host(embed(params, batch))
-            host = sharding.to_host({k: batch[k] for k in ("mask", "index", *keep)})
-            for name, value in {**out, **host}.items():
-                parts.setdefault(name, []).append(value)
+            yield sharding.put_batch(local, context.mesh)
     finally:
         closer = getattr(iterator, "close", None)
         if closer is not None:
             closer()
-    if not parts:
-        raise ValueError(f"eval split {data.dataset}:{data.eval_split} is empty")
-    rows = {k: np.concatenate(v) for k, v in parts.items()}
-    mask = rows.pop("mask").astype(bool)
-    index = rows.pop("index")[mask]
+
+
+def record_order(index: np.ndarray, data: ml_collections.ConfigDict) -> np.ndarray:
+    """The permutation that sorts the real rows' record indices; raises unless they are each record exactly once."""
     order = np.argsort(index, kind="stable")
     if len(np.unique(index)) != len(index) or (len(index) and (index[order] != np.arange(len(index))).any()):
         raise RuntimeError(f"eval {data.dataset}:{data.eval_split}: records were lost or duplicated across "
                            f"devices/processes ({len(index)} kept, {len(np.unique(index))} unique)")
+    return order
+
+
+def collect(context: EvalContext, eval_config, params, embed: Callable[[Any, dict], dict],
+            keep: Sequence[str] = (), overrides: dict | None = None) -> dict[str, np.ndarray]:
+    """Runs `embed(params, global_batch) -> {name: replicated array}` over the whole eval split.
+
+    Returns numpy arrays over the split's records in record order (padding dropped), plus the batch keys in
+    `keep`. Every process gets the same result. Raises if a record is missing or seen twice. `overrides`: pipeline
+    flags for this eval (`eval_data_config`).
+    """
+    data = eval_data_config(context, eval_config, overrides)
+    parts: dict[str, list[np.ndarray]] = {}
+    with contextlib.closing(eval_batches(context, data)) as batches:
+        for batch in batches:
+            out = sharding.to_host(embed(params, batch))
+            host = sharding.to_host({k: batch[k] for k in ("mask", "index", *keep)})
+            for name, value in {**out, **host}.items():
+                parts.setdefault(name, []).append(value)
+    if not parts:
+        raise ValueError(f"eval split {data.dataset}:{data.eval_split} is empty")
+    rows = {k: np.concatenate(v) for k, v in parts.items()}
+    mask = rows.pop("mask").astype(bool)
+    order = record_order(rows.pop("index")[mask], data)
     return {k: v[mask][order] for k, v in rows.items()}
