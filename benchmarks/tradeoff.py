@@ -160,6 +160,7 @@ def base_config(study: Study, method: str):
     c.evals.seg = dict(type="segmentation", dataset=study.dataset, split="val")
     for ev in c.evals.values():
         ev.dataset = study.dataset
+    c.region.distinct_lexemes = 0  # the demo's bound fits its 36 lexemes, not Scenes-OV's synonyms
     c.progress_bar = False
     c.plot = False
     c.checkpoint.keep = 1
