@@ -1,22 +1,27 @@
 """The global-local trade-off study: does region training cost global retrieval, and does HarmoCLIP avoid it?
 
-Protocol (the paper's, at CPU scale, on the embedded scenes dataset):
+Protocol (the paper's, at CPU scale, on the embedded open-vocabulary scenes dataset `scenes/ov_small`: region
+texts use synonyms, so a lexeme is not its class name, and a quarter of the classes have no region annotation in
+training, the OV-COCO situation; docs/scenes.md):
   1. Pretrain a global-only CLIP (GC loss, both towers, from scratch): the "pretrained CLIP" every method starts
      from, as the paper's methods start from OpenAI/EVA CLIP.
   2. From that checkpoint, fine-tune every method (`clip` = GC only continued, `clipself`, `regionclip`,
      `fineclip`, `harmoclip` with GR-a/b/c) and the ablations of docs/method.md (GC+LRC, GC+GR, +FineCLIP's
-     self-distillation, lexeme vocabulary negatives) with the same steps, batch and schedule, text tower frozen
-     (FineCLIP/CLIPSelf protocol), for each of several seeds (data order and shuffles).
-  3. Evaluate on the held-out split: retrieval R@1 both directions, box classification top-1/top-5 (per-class
-     mean, class prompts through the text tower), and report mean and sample std over seeds as a markdown table,
-     a scatter plot (x: box top-1, y: retrieval R@1) and JSON.
+     self-distillation, lexeme vocabulary negatives, token-level LRC) with the same steps, batch and schedule, text
+     tower frozen (FineCLIP/CLIPSelf protocol; token-level LRC alone trains it, as it must), for each of several
+     seeds (data order and shuffles).
+  3. Evaluate on the held-out split: box classification top-1 on base, novel and all classes (per-class mean,
+     class prompts through the text tower), retrieval R@1 both directions, zero-shot segmentation mIoU from the
+     patch features; report mean and sample std over seeds, and Welch's t against GC-only and against FineCLIP,
+     as a markdown table, a plot (x: novel-class box top-1, y: retrieval R@1; a panel of mIoU) and JSON.
 
 Every run is an ordinary trainer run in `<workdir>/runs/<name>/seed<k>` with its own checkpoints, so a killed
 study resumes where it stopped (finished runs are skipped; an interrupted run continues from its last checkpoint).
 
-    python benchmarks/tradeoff.py                          # the default study (~1 h on 2 CPU cores)
+    python benchmarks/tradeoff.py                          # the default study (~2 h on 2 CPU cores)
     python benchmarks/tradeoff.py --scale 4 --seeds 5      # longer and stronger, for bigger machines
-    python benchmarks/tradeoff.py --dataset scenes/default --variant ViT-S/8@64 --scale 4   # more data, wider model
+    python benchmarks/tradeoff.py --dataset scenes/ov --variant ViT-S/8@64 --scale 4   # more data, wider model
+    python benchmarks/tradeoff.py --dataset scenes/small   # the first study's closed-vocabulary data
     python benchmarks/tradeoff.py --only clip,harmoclip    # a subset (the report covers what has finished)
     python benchmarks/tradeoff.py --report_only            # redraw table/plot/JSON from finished runs
 
@@ -51,6 +56,7 @@ class Run:
     method: str
     loss: dict  # overrides of config.loss (dotted keys)
     group: str  # "method" or "ablation"
+    config: dict = dataclasses.field(default_factory=dict)  # other overrides of the run's config (dotted keys)
 
 
 RUNS = (
@@ -66,21 +72,30 @@ RUNS = (
     Run("harmoclip_sd", "GC + LRC + GR-a + FineCLIP SD", "harmoclip", {"weights.sd": 1.0}, "ablation"),
     Run("harmoclip_vocab", "GC + LRC (vocabulary negatives) + GR-a", "harmoclip", {"lrc_negatives": "vocab"},
         "ablation"),
+    # The "Text Token Space" reading: lexeme = pooled caption tokens. CLIP's causal text tower never trained its
+    # non-EOT tokens into the joint space, so this run alone trains the text tower.
+    Run("harmoclip_tokens", "GC + token-level LRC + GR-a (text tower trains)", "harmoclip", {"lrc_text": "tokens"},
+        "ablation", {"optim.freeze_text_tower": False}),
 )
 RUN_NAMES = tuple(r.name for r in RUNS)
 PRETRAINED = "pretrained"  # the shared starting point, evaluated as a row of its own
 
 METRICS = {  # report name -> trainer metric
     "box_top1": "eval/boxcls/top1",
+    "box_top1_base": "eval/boxcls/top1_base",
+    "box_top1_novel": "eval/boxcls/top1_novel",
     "box_top5": "eval/boxcls/top5",
     "t2i_r1": "eval/retrieval/t2i_r1",
     "i2t_r1": "eval/retrieval/i2t_r1",
+    "seg_miou": "eval/seg/miou",
 }
+# Only open-vocabulary datasets (metadata `is_novel`) have a base/novel split.
+OPTIONAL_METRICS = ("box_top1_base", "box_top1_novel")
 
 
 @dataclasses.dataclass(frozen=True)
 class Study:
-    dataset: str = "scenes/small"
+    dataset: str = "scenes/ov_small"
     variant: str = "ViT-Ti/8@64"
     image_size: int = 64
     batch_size: int = 64
@@ -114,7 +129,7 @@ class Study:
     @classmethod
     def smoke(cls, num_seeds: int = 2, data_dir: str | None = None) -> "Study":
         """Seconds per run: the tiny model and dataset of the unit tests (checks the plumbing, not the science)."""
-        return cls(dataset="scenes/tiny", variant="test-tiny", batch_size=16, pretrain_steps=2, finetune_steps=2,
+        return cls(dataset="scenes/ov_tiny", variant="test-tiny", batch_size=16, pretrain_steps=2, finetune_steps=2,
                    seeds=tuple(range(num_seeds)), data_dir=data_dir)
 
     def describe(self) -> str:
@@ -122,8 +137,10 @@ class Study:
                 f"{self.batch_size}. Pretraining: GC only, both towers, from scratch, {self.pretrain_steps} steps, lr "
                 f"{self.pretrain_lr:g} (seed 0). Each run: {self.finetune_steps} steps from that checkpoint, text tower "
                 f"frozen, AdamW lr {self.finetune_lr:g} (cosine, {self.warmup(self.finetune_steps)} warmup steps), "
-                f"seeds {', '.join(map(str, self.seeds))} (data order). Cells: mean ± sample std over seeds; Δ columns: "
-                f"difference of means from the GC-only run, with Welch's t (|t| < 2: within the seed noise).")
+                f"seeds {', '.join(map(str, self.seeds))} (data order). Box top-1: per-class mean over the novel classes "
+                f"(no region annotation in training), the base classes and all; mIoU: zero-shot segmentation from the "
+                f"patch features, background pixels ignored. Cells: mean ± sample std over seeds; Δ columns: difference "
+                f"of means from the GC-only run and from FineCLIP, with Welch's t (|t| < 2: within the seed noise).")
 
     @staticmethod
     def warmup(steps: int) -> int:
@@ -140,8 +157,10 @@ def base_config(study: Study, method: str):
     c.data.dataset = study.dataset
     c.data.data_dir = study.data_dir
     c.batch_size = study.batch_size
+    c.evals.seg = dict(type="segmentation", dataset=study.dataset, split="val")
     for ev in c.evals.values():
         ev.dataset = study.dataset
+    c.region.distinct_lexemes = 0  # the demo's bound fits its 36 lexemes, not Scenes-OV's synonyms
     c.progress_bar = False
     c.plot = False
     c.checkpoint.keep = 1
@@ -173,6 +192,7 @@ def finetune_config(study: Study, run: Run, seed: int, init_dir: pathlib.Path):
     c.optim.freeze_text_tower = True
     c.eval_every = study.finetune_steps
     c.checkpoint.every = max(1, study.finetune_steps // 2)
+    c.update_from_flattened_dict(run.config)
     return c
 
 
@@ -197,10 +217,10 @@ def run_one(config, run_dir: pathlib.Path) -> dict:
         return json.loads(path.read_text())
     start = time.perf_counter()
     metrics = train.train_and_evaluate(config, run_dir)
-    missing = [m for m in METRICS.values() if m not in metrics]
+    missing = [m for name, m in METRICS.items() if m not in metrics and name not in OPTIONAL_METRICS]
     if missing:
         raise RuntimeError(f"{run_dir}: the run finished without the metrics {missing}; got {sorted(metrics)}")
-    result = {"metrics": {name: float(metrics[key]) for name, key in METRICS.items()},
+    result = {"metrics": {name: float(metrics[key]) for name, key in METRICS.items() if key in metrics},
               "steps": int(config.total_steps), "seed": int(config.seed), "seconds": time.perf_counter() - start}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -250,7 +270,7 @@ def collect(workdir: pathlib.Path, study: Study) -> dict:
         results = [json.loads(_result_path(d).read_text()) for d in dirs if _result_path(d).exists()]
         if not results:
             continue
-        per_seed = {m: [r["metrics"][m] for r in results] for m in METRICS}
+        per_seed = {m: [r["metrics"][m] for r in results] for m in METRICS if m in results[0]["metrics"]}
         per_seed["r1_mean"] = [(a + b) / 2 for a, b in zip(per_seed["t2i_r1"], per_seed["i2t_r1"])]
         rows[name] = {
             "label": label, "group": group, "seeds": [r["seed"] for r in results], "steps": results[0]["steps"],
@@ -262,66 +282,101 @@ def collect(workdir: pathlib.Path, study: Study) -> dict:
 
 
 def _cell(row: dict, metric: str) -> str:
+    if metric not in row["mean"]:
+        return "–"
     if len(row["seeds"]) == 1:
         return f"{row['mean'][metric]:.3f}"
     return f"{row['mean'][metric]:.3f} ± {row['std'][metric]:.3f}"
 
 
-def _delta(row: dict, base: dict, metric: str) -> str:
-    """Difference of means, with Welch's t when both sides have several seeds (|t| < 2: within the noise)."""
-    diff = row["mean"][metric] - base["mean"][metric]
+def welch_t(row: dict, base: dict, metric: str) -> float | None:
+    """Welch's t of the difference of means (None: fewer than 2 seeds on a side, or no spread)."""
     n, m = len(row["seeds"]), len(base["seeds"])
     se = (row["std"][metric] ** 2 / n + base["std"][metric] ** 2 / m) ** 0.5
-    if n < 2 or m < 2 or row is base:
-        return f"{diff:+.3f}"
-    return f"{diff:+.3f} (t {diff / se:+.1f})" if se > 0 else f"{diff:+.3f}"
+    if n < 2 or m < 2 or row is base or se == 0:
+        return None
+    return (row["mean"][metric] - base["mean"][metric]) / se
+
+
+def _delta(row: dict, base: dict | None, metric: str) -> str:
+    """Difference of means, with Welch's t when both sides have several seeds (|t| < 2: within the noise)."""
+    if base is None or row is base or metric not in row["mean"] or metric not in base["mean"]:
+        return ""
+    diff = row["mean"][metric] - base["mean"][metric]
+    t = welch_t(row, base, metric)
+    return f"{diff:+.3f}" if t is None else f"{diff:+.3f} (t {t:+.1f})"
+
+
+# (column title, metric) of the table's value columns, and the metrics its Δ columns compare.
+TABLE_COLUMNS = (("box top-1 novel", "box_top1_novel"), ("box top-1 base", "box_top1_base"),
+                 ("box top-1 all", "box_top1"), ("text→image R@1", "t2i_r1"), ("image→text R@1", "i2t_r1"),
+                 ("mean R@1", "r1_mean"), ("seg mIoU", "seg_miou"))
+DELTA_METRICS = (("novel", "box_top1_novel"), ("R@1", "r1_mean"), ("mIoU", "seg_miou"))
 
 
 def markdown_table(rows: dict, study: Study) -> str:
-    lines = [study.describe(), "",
-             "| run | box top-1 | box top-5 | text→image R@1 | image→text R@1 | mean R@1 | Δ box top-1 vs CLIP | "
-             "Δ mean R@1 vs CLIP | seeds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    base = rows.get("clip")
+    columns = [(title, m) for title, m in TABLE_COLUMNS if any(m in r["mean"] for r in rows.values())]
+    deltas = [(title, m) for title, m in DELTA_METRICS if any(m in r["mean"] for r in rows.values())]
+    heads = ([title for title, _ in columns] + [f"Δ {title} vs CLIP" for title, _ in deltas]
+             + [f"Δ {title} vs FineCLIP" for title, _ in deltas])
+    lines = [study.describe(), "", "| run | " + " | ".join(heads) + " | seeds |",
+             "| --- |" + " --- |" * (len(heads) + 1)]
     for name, row in rows.items():
-        if base is not None and name != PRETRAINED:
-            d_box, d_r1 = _delta(row, base, "box_top1"), _delta(row, base, "r1_mean")
-        else:
-            d_box = d_r1 = ""
+        cells = [_cell(row, m) for _, m in columns]
+        for base_name in ("clip", "fineclip"):
+            base = rows.get(base_name) if name != PRETRAINED else None
+            cells += [_delta(row, base, m) for _, m in deltas]
         label = f"**{row['label']}**" if name == "harmoclip" else row["label"]
         if row["group"] == "ablation":
             label = f"ablation: {label}"
-        lines.append(f"| {label} | {_cell(row, 'box_top1')} | {_cell(row, 'box_top5')} | {_cell(row, 't2i_r1')} | "
-                     f"{_cell(row, 'i2t_r1')} | {_cell(row, 'r1_mean')} | {d_box} | {d_r1} | "
-                     f"{len(row['seeds'])} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(row['seeds'])} |")
     return "\n".join(lines) + "\n"
 
 
 def scatter_plot(rows: dict, path: pathlib.Path, title: str) -> None:
+    """Two panels of x = box top-1 (novel classes when the dataset has them) vs y = mean retrieval R@1 (methods,
+    ablations), and a third of segmentation mIoU per run; bars are the seed std, dots the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharex=True, sharey=True)
+    x_metric = "box_top1_novel" if any("box_top1_novel" in r["mean"] for r in rows.values()) else "box_top1"
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     groups = (("method", "Methods"), ("ablation", "HarmoCLIP ablations"))
-    palette = [*plt.get_cmap("tab10").colors, "navy", "olive"]  # distinct hues, one per run in both panels
+    palette = [*plt.get_cmap("tab10").colors, "navy", "olive", "teal"]  # distinct hues, one per run everywhere
     color = {name: "black" if name == PRETRAINED else palette[i % len(palette)] for i, name in enumerate(rows)}
-    for ax, (group, heading) in zip(axes, groups):
+    for ax, (group, heading) in zip(axes[:2], groups):
         shown = [n for n, r in rows.items() if r["group"] in (group, "start") or n in ("clip", "harmoclip")]
         for name in shown:
             row = rows[name]
-            x, y = row["mean"]["box_top1"], row["mean"]["r1_mean"]
+            if x_metric not in row["mean"]:
+                continue
+            x, y = row["mean"][x_metric], row["mean"]["r1_mean"]
             marker = {"start": "*", "method": "o", "ablation": "s"}[row["group"]]
-            ax.errorbar(x, y, xerr=row["std"]["box_top1"], yerr=row["std"]["r1_mean"], fmt=marker,
+            ax.errorbar(x, y, xerr=row["std"][x_metric], yerr=row["std"]["r1_mean"], fmt=marker,
                         ms=13 if marker == "*" else 7, color=color[name], capsize=3, label=row["label"],
                         zorder=3 if name == PRETRAINED else 2)
-            ax.scatter(row["per_seed"]["box_top1"], row["per_seed"]["r1_mean"], s=8, alpha=0.35, color=color[name])
+            ax.scatter(row["per_seed"][x_metric], row["per_seed"]["r1_mean"], s=8, alpha=0.35, color=color[name])
         ax.set_title(heading)
-        ax.set_xlabel("box classification top-1 (per-class mean, held-out)")
+        ax.set_xlabel("box classification top-1, " + ("novel classes" if x_metric.endswith("novel") else "all classes")
+                      + " (per-class mean, held-out)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5, loc="best")
     axes[0].set_ylabel("retrieval R@1 (mean of text→image and image→text)")
+    axes[1].sharex(axes[0])
+    axes[1].sharey(axes[0])
+    ax = axes[2]
+    names = [n for n, r in rows.items() if "seg_miou" in r["mean"]]
+    for i, name in enumerate(names):
+        row = rows[name]
+        ax.barh(i, row["mean"]["seg_miou"], xerr=row["std"]["seg_miou"], color=color[name], capsize=3)
+        ax.scatter(row["per_seed"]["seg_miou"], [i] * len(row["seeds"]), s=8, color="black", alpha=0.5, zorder=3)
+    ax.set_yticks(range(len(names)), [rows[n]["label"] for n in names], fontsize=7.5)
+    ax.invert_yaxis()
+    ax.set_xlabel("zero-shot segmentation mIoU (patch features, held-out)")
+    ax.set_title("Dense quality")
+    ax.grid(alpha=0.3, axis="x")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,8 +395,10 @@ def write_report(rows: dict, study: Study, report_dir: pathlib.Path, command: st
                  f"from a GC-pretrained CLIP, {len(study.seeds)} seeds (bars: std; dots: seeds)")
     base = rows.get("clip")
     for name, row in rows.items():  # one JSON line per run, the benchmark format (reference: GC-only CLIP)
-        for metric in ("box_top1", "r1_mean"):
-            ref = base["mean"][metric] if base else None
+        for metric in ("box_top1_novel", "box_top1", "r1_mean", "seg_miou"):
+            if metric not in row["mean"]:
+                continue
+            ref = base["mean"].get(metric) if base else None
             print(json.dumps({"bench": "tradeoff", "cpu": cpu_description(),
                               "case": {"run": name, "metric": metric, "seeds": row["seeds"]},
                               "unit": metric, "ours": round(row["mean"][metric], 4),
@@ -361,7 +418,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report_dir", default=str(ROOT / "docs"), help="where tradeoff.{md,json,png} go")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies pretraining and fine-tuning steps")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--dataset", default=None, help="default scenes/small; scenes/default has 5x the images")
+    parser.add_argument("--dataset", default=None, help="default scenes/ov_small; scenes/ov has 5x the images; "
+                        "scenes/small is the closed-vocabulary data of the first study")
     parser.add_argument("--variant", default=None, help="default ViT-Ti/8@64; e.g. ViT-S/8@64 (models/variants.py)")
     parser.add_argument("--only", default="", help=f"comma-separated runs (default all): {','.join(RUN_NAMES)}")
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
