@@ -28,7 +28,7 @@ def test_smoke_study_reports_and_resumes(tmp_path):
     for name in ("clip", "harmoclip_vocab"):
         run = data["runs"][name]
         assert run["seeds"] == [0, 1] and run["steps"] == 2
-        for metric in ("box_top1", "box_top5", "t2i_r1", "i2t_r1"):
+        for metric in ("box_top1", "box_top1_base", "box_top1_novel", "box_top5", "t2i_r1", "i2t_r1", "seg_miou"):
             values = run["per_seed"][metric]
             assert len(values) == 2 and all(0 <= v <= 1 for v in values)
             assert abs(run["mean"][metric] - sum(values) / 2) < 1e-9
@@ -39,6 +39,10 @@ def test_smoke_study_reports_and_resumes(tmp_path):
     assert (tmp_path / "study/runs/harmoclip_vocab/seed0/lexeme_vocab.json").exists()
     table = (report / "tradeoff.md").read_text()
     assert "| CLIP (GC only, continued) |" in table and " ± " in table and "2 steps" in table
+    assert "scenes/ov_tiny" in table  # the open-vocabulary data by default
+    header = next(line for line in table.splitlines() if line.startswith("| run |"))
+    for column in ("box top-1 novel", "box top-1 base", "seg mIoU", "Δ novel vs CLIP", "Δ mIoU vs FineCLIP"):
+        assert column in header
     assert (report / "tradeoff.png").stat().st_size > 10_000
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert {(x["case"]["run"], x["case"]["metric"]) for x in lines} >= {("harmoclip_vocab", "box_top1")}
