@@ -125,6 +125,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     family = backbone(config)  # raises for an unknown family
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r} is unknown; choose one of {METHODS}")
+    if config.data.get("image_dtype", "float32") not in ("float32", "uint8"):
+        raise ValueError(f"config.data.image_dtype={config.data.image_dtype!r}; use 'float32' (normalised on the host) "
+                         "or 'uint8' (raw pixels, normalised on the device)")
     losses.validate_loss_config(config.loss)
     if config.loss.lrc_negatives == "vocab" and (config.region.lexeme_vocab_size <= 0
                                                  or config.region.lexeme_vocab_min_count <= 0):

@@ -67,7 +67,8 @@ def _regions(dense: jax.Array, boxes: jax.Array, region: ml_collections.ConfigDi
 
 def compute_outputs(model: ImageTextModel, teacher: ImageTextModel | None, batch: dict, consts: dict,
                     needed: set[str], region: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-    """The loss inputs (`losses` module contract) that `needed` names, from one batch."""
+    """The loss inputs (`losses` module contract) that `needed` names, from one batch (images as the model takes
+    them: `ModelGlue.model_images`)."""
     out: dict[str, jax.Array] = {}
     images, patch = batch["image"], model.config.vision.patch_size
     b, t = batch["boxes"].shape[:2]
@@ -160,11 +161,13 @@ class Trainer:
         glue, region = self.glue, self.config.region
         p_sh, b_sh, repl = self.state_shardings["params"], self.batch_sharding, sharding.replicated(self.mesh)
 
+        pixels = glue.model_images  # uint8 host batches are normalised inside each jitted function
+
         def encode_captions(p, tokens):
             return glue.merge(p).encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:2], -1)
 
         def encode_regions(p, images, boxes):
-            return _regions(glue.merge(p).encode_dense(images), boxes, region, glue.patch_size)
+            return _regions(glue.merge(p).encode_dense(pixels(images)), boxes, region, glue.patch_size)
 
         encode_texts_jit = jax.jit(lambda p, t: glue.merge(p).encode_text(t), in_shardings=(p_sh, b_sh),
                                    out_shardings=repl)
@@ -173,13 +176,13 @@ class Trainer:
             return encode_texts_jit(p, sharding.global_from_host(np.asarray(tokens), b_sh))
 
         return evaluators.EvalFns(
-            encode_images=jax.jit(lambda p, x: glue.merge(p).encode_image(x), in_shardings=(p_sh, b_sh),
+            encode_images=jax.jit(lambda p, x: glue.merge(p).encode_image(pixels(x)), in_shardings=(p_sh, b_sh),
                                   out_shardings=repl),
             encode_captions=jax.jit(encode_captions, in_shardings=(p_sh, b_sh), out_shardings=repl),
             encode_regions=jax.jit(encode_regions, in_shardings=(p_sh, b_sh, b_sh), out_shardings=repl),
             encode_texts=encode_texts,
             tokenize=self.tokenize,
-            encode_dense=jax.jit(lambda p, x: glue.merge(p).encode_dense(x), in_shardings=(p_sh, b_sh),
+            encode_dense=jax.jit(lambda p, x: glue.merge(p).encode_dense(pixels(x)), in_shardings=(p_sh, b_sh),
                                  out_shardings=repl),
         )
 
@@ -199,6 +202,7 @@ def make_train_step(config, glue: ModelGlue, tx, schedule, train_mask, needed, u
         params = jax.tree.map(lambda p, trained: p if trained else jax.lax.stop_gradient(p), params, train_mask)
         model = glue.merge(params)
         teacher_model = glue.merge({**params, glue.image_tower: teacher}) if uses_teacher else None
+        batch = {**batch, "image": glue.model_images(batch["image"])}
         outputs = compute_outputs(model, teacher_model, batch, consts, needed, config.region)
         total, terms = losses.total_loss(config.loss, outputs, batch)
         if nan_step >= 0:

@@ -453,3 +453,25 @@ def test_train_stops_past_the_bad_fraction_with_several_processes(corrupt_source
     iterator = pipeline.make_train_iterator(config, source=corrupt_source, process_index=1, process_count=2)
     with pytest.raises(pipeline.BadRecordsError, match=r"max_bad_fraction=0\.5.*raise config\.data\.max_bad_fraction"):
         _take(iterator, 12)
+
+
+def test_uint8_images_are_the_raw_pixels_of_the_float_path(tmp_path):
+    """image_dtype="uint8" batches hold the squashed pixels whose host normalisation is the float32 batch."""
+    from harmoclip_jax.models.normalization import OPENAI_CLIP, normalize_pixels
+
+    record = scenes.scene_record(scenes.generate_example(0, "train", 3, 96), "train", 3)
+    as_float = pipeline.decode_image(record["image"], 64)
+    as_uint8 = pipeline.decode_image(record["image"], 64, dtype="uint8")
+    assert as_uint8.dtype == np.uint8 and as_uint8.shape == (64, 64, 3)
+    np.testing.assert_array_equal(normalize_pixels(as_uint8, *OPENAI_CLIP), as_float)
+    with pytest.raises(ValueError, match="image dtype 'float16'"):
+        pipeline.decode_image(record["image"], 64, dtype="float16")
+    config = pipeline.default_data_config()
+    config.dataset, config.image_size, config.batch_size = "scenes/tiny", 32, 4
+    config.image_dtype = "uint8"
+    iterator = pipeline.make_train_iterator(config, data_dir=str(tmp_path), process_index=0, process_count=1)
+    try:
+        batch = next(iterator)
+    finally:
+        iterator.close()
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (4, 32, 32, 3)

@@ -213,3 +213,30 @@ def test_distinct_region_texts_are_encoded_once_with_the_same_loss():
     config.region.distinct_lexemes = 4
     with pytest.raises(ValueError, match=r"6 distinct lexeme texts, more than config.region.distinct_lexemes=4"):
         train.prepare_batch(batch, keys, None, config.region)
+
+
+def test_uint8_host_images_normalised_on_the_device_give_the_same_step_and_embeddings():
+    """config.data.image_dtype="uint8": the host sends raw pixels and the jitted step / eval functions normalise
+    them with the family's mean/std; the numbers equal those of host-normalised float32 batches."""
+    from harmoclip_jax.models.normalization import OPENAI_CLIP, normalize_pixels
+
+    mesh = _mesh(2, 1)
+    trainer = train.build_trainer(tiny_config(), mesh)
+    raw = synthetic_batch(0)
+    pixels = np.random.default_rng(1).integers(0, 256, size=raw["image"].shape, dtype=np.uint8)
+    as_float = dict(raw, image=normalize_pixels(pixels, *OPENAI_CLIP))
+    as_uint8 = dict(raw, image=pixels)
+    with jax.set_mesh(mesh):
+        results = []
+        for batch in (as_float, as_uint8):
+            state = trainer.init_state()
+            state, metrics = trainer.train_step(state, sharding.put_batch(batch, mesh), {})
+            fns = trainer.eval_fns()
+            images = sharding.put_batch({"image": batch["image"]}, mesh)["image"]
+            results.append((float(metrics["loss"]), float(metrics["grad_norm"]),
+                            np.asarray(fns.encode_images(state["params"], images))))
+    (loss_f, grad_f, embed_f), (loss_u, grad_u, embed_u) = results
+    np.testing.assert_allclose(loss_u, loss_f, rtol=1e-6)
+    np.testing.assert_allclose(grad_u, grad_f, rtol=1e-5)
+    np.testing.assert_allclose(embed_u, embed_f, atol=1e-6)
+    assert as_uint8["image"].nbytes * 4 == as_float["image"].nbytes

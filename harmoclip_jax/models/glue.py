@@ -6,9 +6,11 @@ import math
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from harmoclip_jax.models.backbone import Backbone
+from harmoclip_jax.models.normalization import normalize_pixels
 from harmoclip_jax.sharding import path_str
 
 
@@ -71,6 +73,13 @@ class ModelGlue:
 
     def init_params(self, seed: int) -> Any:
         return params_of(self.backbone.model_class(self.config, rngs=nnx.Rngs(seed)))
+
+    def model_images(self, images: jax.Array) -> jax.Array:
+        """A batch's images as the model takes them: uint8 pixels (`config.data.image_dtype="uint8"`) normalised
+        here, on the device, with the family's mean/std; float images arrive normalised by the host pipeline."""
+        if images.dtype != jnp.uint8:
+            return images
+        return normalize_pixels(images, self.backbone.image_mean, self.backbone.image_std)
 
     @property
     def patch_size(self) -> int:
