@@ -33,6 +33,7 @@ def coco_protocol(arg, variant, res, params_dir, batch_size, max_boxes):
     c.data.max_regions = max_boxes
     c.data.eval_max_regions = 100
     c.data.num_workers = 4
+    c.data.image_dtype = "uint8"  # raw pixels to the device, normalised there: 4x less host work and transfer
     c.batch_size = batch_size
     c.eval_batch_size = 200
     c.total_steps = arg.epochs * COCO_TRAIN_IMAGES // batch_size
