@@ -9,9 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "tfds"))
-# One persistent XLA cache for the session, shared with the subprocess runs (they inherit the environment): the
-# many tiny trainer runs compile the same programs, and a cache hit skips most of their start-up.
+_SHARED_TFDS = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "tfds")
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("TFDS_DATA_DIR", _SHARED_TFDS) == _SHARED_TFDS:
+    # pytest-xdist workers (addopts: -n) each generate their datasets in their own directory: two builds of one
+    # dataset into one directory at the same moment would race.
+    os.environ["TFDS_DATA_DIR"] = f"{_SHARED_TFDS}-{os.environ['PYTEST_XDIST_WORKER']}"
+os.environ.setdefault("TFDS_DATA_DIR", _SHARED_TFDS)
+# One persistent XLA cache for the session, shared with the xdist workers and the subprocess runs (they inherit the
+# environment): the many tiny trainer runs compile the same programs, and a cache hit skips most of their start-up.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
