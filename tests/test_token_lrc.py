@@ -223,3 +223,94 @@ def test_sentencepiece_spans_on_scenes_region_captions(scenes_dir, tmp_path):
         assert tok.decode(batch["region_text"][b, t, start:end]) == tok.decode(batch["lexeme"][b, t])
     row = tok(["A large crimson disc, at the top."], 32)[0]
     assert pipeline.find_span(row, tok.encode("crimson disc")) != (-1, -1)
+
+
+# ---------------------------------------------------------------- the train step and config validation
+
+
+def _token_batch(source, seed=0):
+    from trainer_helpers import synthetic_batch
+
+    batch = synthetic_batch(seed)
+    rows = batch["region_text"] if source == "region_caption" else np.repeat(batch["text"][:, None], 3, axis=1)
+    ends = rows.argmax(-1)  # EOT position
+    spans = np.stack([np.ones_like(ends), np.minimum(ends, 3)], -1).astype(np.int32)  # 1-2 tokens after SOT
+    spans[~batch["box_mask"]] = -1
+    spans[0, 0] = -1  # one real region whose lexeme was not found
+    batch["lexeme_span"] = spans
+    return batch
+
+
+@pytest.mark.parametrize("source,frozen", [("region_caption", False), ("caption", True)])
+def test_train_step_with_token_lrc(source, frozen, tmp_path):
+    """Trainable text tower: the LRC gradient reaches the text tower's blocks (only LRC is on, no weight decay). Frozen
+    text tower with the text cache: per-token inputs still travel as tokens and the step runs."""
+    from harmoclip_jax import sharding, train
+    from trainer_helpers import tiny_config
+
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        config = tiny_config(weight_decay=0.0, warmup_steps=0)
+        config.loss.lrc_text, config.loss.lrc_token_source = "tokens", source
+        config.loss.weights.update(gc=0.0, gr=0.0)
+        config.optim.freeze_text_tower = frozen
+        mesh = sharding.make_mesh([("data", 2), ("fsdp", 1)], devices=jax.devices()[:2])
+        trainer = train.build_trainer(config, mesh)
+        token_key = "region_text" if source == "region_caption" else "text"
+        assert f"{token_key}_token_embed" in trainer.needed and "lexeme_embed" not in trainer.needed
+        assert trainer.text_frozen == frozen
+        batch = _token_batch(source)
+        with jax.set_mesh(mesh):
+            state = trainer.init_state()
+            cache = train.make_text_cache(trainer, state["params"], tmp_path, "synthetic")
+            assert (cache is not None) == frozen
+            keys = train.device_batch_keys(trainer, cache is not None)
+            assert {"lexeme_span", token_key, "lexeme_id", "box_mask"} <= set(keys)
+            before = sharding.to_host(state["params"])
+            host = train.prepare_batch(batch, keys, cache, config.region)
+            state, metrics = trainer.train_step(state, sharding.put_batch(host, mesh), {})
+            after = sharding.to_host(state["params"])
+        assert set(k for k in metrics if k.startswith("loss/")) == {"loss/lrc"}
+        assert np.isfinite(float(metrics["loss/lrc"])) and float(metrics["loss/lrc"]) > 0
+        real = batch["box_mask"].sum()
+        np.testing.assert_allclose(float(metrics["lrc/span_found"]), (real - 1) / real, rtol=1e-6)
+        moved = np.abs(after["text"]["transformer"]["blocks"][0]["attn"]["qkv"]["kernel"]
+                       - before["text"]["transformer"]["blocks"][0]["attn"]["qkv"]["kernel"]).max()
+        assert (moved > 0) != frozen
+    finally:
+        jax.config.update("jax_disable_most_optimizations", False)
+
+
+def test_config_validation_of_token_lrc(monkeypatch):
+    from harmoclip_jax import config_lib
+    from harmoclip_jax.models import registry
+    from harmoclip_jax.models.backbone import Backbone
+    from trainer_helpers import tiny_config
+
+    config = tiny_config()
+    config.loss.lrc_text = "tokens"
+    config_lib.validate(config)
+    assert config_lib.data_config(config).lexeme_spans == "region_text"
+    config.loss.lrc_token_source = "caption"
+    assert config_lib.data_config(config).lexeme_spans == "text"
+    assert config_lib.data_config(tiny_config()).lexeme_spans == ""  # reading A: no spans computed
+    config.loss.lrc_negatives = "vocab"
+    with pytest.raises(ValueError, match="lrc_text='tokens' derives .*lrc_negatives='vocab'"):
+        config_lib.validate(config)
+    config.loss.lrc_negatives, config.loss.lrc_token_source = "batch", "title"
+    with pytest.raises(ValueError, match="lrc_token_source='title'"):
+        config_lib.validate(config)
+
+    class NoTokens(clip.CLIP):
+        encode_text_tokens = None
+
+    family = Backbone(family="no_tokens_test", model_class=NoTokens, get_config=clip.get_config,
+                      config_from_dict=clip.CLIPConfig.from_dict, image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    monkeypatch.setitem(registry._BACKBONES, family.family, family)  # gone after the test
+    config = tiny_config()
+    config.model.family = family.family
+    config.loss.lrc_text = "tokens"
+    with pytest.raises(ValueError, match=r"config.loss.lrc_text='tokens' .*'no_tokens_test' family"):
+        config_lib.validate(config)
+    config.loss.lrc_text = "lexeme"
+    config_lib.validate(config)
