@@ -297,6 +297,13 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     return c
 
 
+def set_lrc_text(config: ml_collections.ConfigDict, text: str = "lexeme", source: str = "region_caption") -> None:
+    """Sets the optional `config.loss.lrc_text` / `lrc_token_source` (the `lrc_text=`, `lrc_source=` arguments of the
+    config files; absent from default configs, so command-line overrides need them set here first)."""
+    if text != "lexeme" or source != "region_caption":
+        config.loss.lrc_text, config.loss.lrc_token_source = text, source
+
+
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:
     """Switches the loss family (`method=` argument of the config files)."""
     if method not in METHODS:

@@ -314,3 +314,10 @@ def test_config_validation_of_token_lrc(monkeypatch):
         config_lib.validate(config)
     config.loss.lrc_text = "lexeme"
     config_lib.validate(config)
+
+    # The config files' arguments set the optional fields (command-line overrides need them present).
+    demo = config_lib.load_config(f"{config_lib.__file__.rsplit('/', 2)[0]}/configs/demo.py:smoke,lrc_text=tokens,"
+                                  "lrc_source=caption")
+    assert (demo.loss.lrc_text, demo.loss.lrc_token_source) == ("tokens", "caption")
+    config_lib.validate(demo)
+    assert "lrc_text" not in config_lib.load_config(f"{config_lib.__file__.rsplit('/', 2)[0]}/configs/demo.py").loss
