@@ -11,9 +11,11 @@ from harmoclip_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, method="harmoclip", smoke=False, steps=0, noeval=False)
+    arg = config_lib.parse_arg(arg, method="harmoclip", smoke=False, steps=0, noeval=False, lrc_text="lexeme",
+                               lrc_source="region_caption")
     c = config_lib.base_config()
     config_lib.set_method(c, arg.method)
+    config_lib.set_lrc_text(c, arg.lrc_text, arg.lrc_source)
     c.model.variant = "ViT-Ti/8@64"
     c.model.image_size = 64
     c.model.context_length = 48  # scenes captions need <= 46 tokens

@@ -19,6 +19,7 @@ COCO_TRAIN_IMAGES = 118_287
 def coco_protocol(arg, variant, res, params_dir, batch_size, max_boxes):
     c = config_lib.base_config()
     config_lib.set_method(c, arg.method)
+    config_lib.set_lrc_text(c, arg.get("lrc_text", "lexeme"), arg.get("lrc_source", "region_caption"))
     c.model.variant = variant
     c.model.image_size = res
     c.model.dtype = arg.dtype
@@ -54,5 +55,6 @@ def coco_protocol(arg, variant, res, params_dir, batch_size, max_boxes):
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, method="harmoclip", res=224, epochs=10, params_dir="checkpoints/vitb16",
-                               data_dir="", dtype="float32", remat=False, train_text=False, accum=1)
+                               data_dir="", dtype="float32", remat=False, train_text=False, accum=1,
+                               lrc_text="lexeme", lrc_source="region_caption")
     return coco_protocol(arg, "ViT-B/16", arg.res, arg.params_dir, batch_size=256, max_boxes=20)

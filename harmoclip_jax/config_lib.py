@@ -82,7 +82,16 @@ DERIVED_DATA_FIELDS = {
     "image_size": "config.model.image_size", "context_length": "config.model.context_length",
     "image_mean": "the backbone family", "image_std": "the backbone family", "tokenizer": "the backbone family",
     "batch_size": "config.batch_size (global)", "eval_batch_size": "config.eval_batch_size (global)",
+    "lexeme_spans": "config.loss.lrc_text / lrc_token_source",
 }
+# Token-level LRC (config.loss.lrc_text="tokens"): the batch key whose token rows the lexeme spans index, by
+# config.loss.lrc_token_source.
+LEXEME_SPAN_SOURCES = {"region_caption": "region_text", "caption": "text"}
+
+
+def token_lrc(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's LRC term pools lexeme embeddings from caption tokens (`config.loss.lrc_text="tokens"`)."""
+    return config.loss.get("lrc_text", "lexeme") == "tokens" and float(config.loss.weights.get("lrc", 0.0)) != 0.0
 
 
 def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -117,6 +126,8 @@ def data_config(config: ml_collections.ConfigDict, process_count: int = 1) -> ml
     data.tokenizer = tokenizer_name(config)
     data.batch_size = config.batch_size // process_count
     data.eval_batch_size = config.eval_batch_size // process_count
+    data.lexeme_spans = LEXEME_SPAN_SOURCES[config.loss.get("lrc_token_source", "region_caption")] \
+        if token_lrc(config) else ""
     return data
 
 
@@ -129,6 +140,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
         raise ValueError(f"config.data.image_dtype={config.data.image_dtype!r}; use 'float32' (normalised on the host) "
                          "or 'uint8' (raw pixels, normalised on the device)")
     losses.validate_loss_config(config.loss)
+    if token_lrc(config) and not callable(getattr(family.model_class, "encode_text_tokens", None)):
+        raise ValueError(f"config.loss.lrc_text='tokens' needs per-token text embeddings (encode_text_tokens), which "
+                         f"the {family.family!r} family (config.model.family) does not provide; use lrc_text='lexeme'")
     if config.loss.lrc_negatives == "vocab" and (config.region.lexeme_vocab_size <= 0
                                                  or config.region.lexeme_vocab_min_count <= 0):
         raise ValueError(f"config.loss.lrc_negatives='vocab' keeps the config.region.lexeme_vocab_size="
@@ -284,6 +298,13 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.debug.kill_at_step = -1  # testing aid: SIGKILLs the process after that step (an async save may be in flight)
     c.debug.fail_save_at_step = -1  # testing aid: the checkpoint save of that step fails like a full disk (ENOSPC)
     return c
+
+
+def set_lrc_text(config: ml_collections.ConfigDict, text: str = "lexeme", source: str = "region_caption") -> None:
+    """Sets the optional `config.loss.lrc_text` / `lrc_token_source` (the `lrc_text=`, `lrc_source=` arguments of the
+    config files; absent from default configs, so command-line overrides need them set here first)."""
+    if text != "lexeme" or source != "region_caption":
+        config.loss.lrc_text, config.loss.lrc_token_source = text, source
 
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:

@@ -10,6 +10,8 @@ Only the keys a config needs are present (``required_outputs(config)`` lists the
   region_embed         (B, T, E)  RoIAlign-pooled student region features (dense branch)
   region_text_embed    (B, T, E)  embedding of each region's full caption (GR-a / FineCLIP RC)
   lexeme_embed         (B, T, E)  embedding of each region's lexeme (LRC, in-batch negatives)
+  region_text_token_embed (B, T, L, E) per-token embeddings of each region's caption (LRC with lrc_text="tokens")
+  text_token_embed     (B, L, E)  per-token embeddings of the global caption (lrc_text="tokens", lrc_token_source="caption")
   crop_embed           (B, T, E)  student ``encode_image`` of each region's (1.5x) crop
   teacher_crop_embed   (B, T, E)  frozen teacher's crop embeddings (CLIPSelf; concept pseudo labels)
   teacher_region_embed (B, T, E)  frozen teacher's RoIAlign region features (concept pseudo labels)
@@ -20,7 +22,9 @@ Only the keys a config needs are present (``required_outputs(config)`` lists the
 
 ``batch`` holds ``box_mask (B, T) bool`` (which region slots are real) and ``lexeme_id (B, T) int``
 (the lexeme's identity: equal ids = the same lexeme string; with vocabulary negatives it indexes
-``lexeme_vocab_embed`` and must lie in [0, V) for every valid box).
+``lexeme_vocab_embed`` and must lie in [0, V) for every valid box); with ``lrc_text="tokens"`` also
+``lexeme_span (B, T, 2) int`` ([start, end) of the lexeme's tokens in the source text's token row, -1 when
+not found).
 
 Masks are explicit everywhere: padded region slots are excluded from the softmax denominators (as
 rows and as columns) and from every average, so their content never changes a loss or a gradient.
@@ -47,7 +51,10 @@ Terms (``total_loss`` returns each one unweighted, plus ``total``):
   lrc     Lexeme-Region Contrastive: regions <-> lexemes, symmetric InfoNCE over the valid regions of
           the global batch; same-lexeme pairs are extra positives (or masked out of the negatives); or
           regions classified against a fixed lexeme vocabulary; with ``lrc_form="sigmoid"`` the pairwise
-          sigmoid loss over the same pairs (SigLIP models).
+          sigmoid loss over the same pairs (SigLIP models). ``lrc_text`` (optional field) picks the lexeme
+          embedding: "lexeme" (default) the lexeme encoded as its own text; "tokens" the mean of the lexeme's
+          token embeddings in one pass over the region caption (``lrc_token_source="region_caption"``) or the
+          global caption ("caption"), see ``span_mean_pool``.
   gr      Global-Region alignment, variant a (region <-> region caption InfoNCE, = FineCLIP's L_RC),
           b (masked-mean pooled regions of an image <-> its global caption, InfoNCE over the batch) or
           c (1 - cos(region, stop_grad(student crop))).
@@ -79,6 +86,7 @@ __all__ = [
     "LossOption",
     "LossVariant",
     "LossTerm",
+    "LossInput",
     "LOSS_TERMS",
     "check_loss_table",
     "l2_normalize",
@@ -90,6 +98,7 @@ __all__ = [
     "masked_sigmoid_loss",
     "sharded_sigmoid_loss",
     "lexeme_region_contrastive_loss",
+    "span_mean_pool",
     "lexeme_vocab_contrastive_loss",
     "region_caption_loss",
     "pooled_region_global_loss",
@@ -254,6 +263,37 @@ def _flatten_regions(x):
     return x.reshape(-1, x.shape[-1])
 
 
+def span_mean_pool(token_embed, spans):
+    """Mean of the token rows ``[start, end)`` of each span: the token-level ("Text Token Space", reading B)
+    lexeme embedding.
+
+    Args:
+      token_embed: (*rows, L, E) per-token embeddings (e.g. a text tower's projected tokens).
+      spans: (*rows, *extra, 2) int [start, end) positions into the L axis of the same leading ``rows``; ``extra``
+        axes pool several spans from one row (the regions of an image from its global caption). A span with
+        ``start < 0`` or ``end <= start`` (lexeme not found, padded region) is invalid.
+
+    Returns:
+      (pooled (*rows, *extra, E) float32, valid (*rows, *extra) bool); invalid spans pool to zeros (never NaN), and
+      tokens outside a span get no gradient from it.
+    """
+    token_embed = jnp.asarray(token_embed, jnp.float32)
+    spans = jnp.asarray(spans)
+    rows = token_embed.ndim - 2
+    if spans.ndim < rows + 1 or spans.shape[:rows] != token_embed.shape[:rows] or spans.shape[-1] != 2:
+        raise ValueError(f"span_mean_pool: spans {spans.shape} must be (*rows, *extra, 2) for token_embed "
+                         f"{token_embed.shape} = (*rows, L, E)")
+    start, end = spans[..., 0], spans[..., 1]
+    valid = (start >= 0) & (end > start)
+    position = jnp.arange(token_embed.shape[-2])
+    weights = valid[..., None] & (position >= start[..., None]) & (position < end[..., None])  # (*rows, *extra, L)
+    extra = spans.shape[rows:-1]
+    weights = weights.astype(jnp.float32).reshape(*spans.shape[:rows], -1, token_embed.shape[-2])
+    summed = jnp.einsum("...kl,...le->...ke", weights, token_embed)
+    pooled = summed / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+    return pooled.reshape(*spans.shape[:-1], token_embed.shape[-1]), valid.reshape(spans.shape[:-1])
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss terms
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +431,41 @@ class LossVariant:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossInput:
+    """An optional config field (absent from the default configs) that changes where a term's variants get some of
+    their inputs: for a value other than ``default``, ``derive[value](config)`` is a ``LossVariant`` whose ``fn``
+    returns ``(outputs, batch)`` updates computed from the keys it declares (e.g. ``lexeme_embed`` mean-pooled from
+    per-token embeddings, and a ``box_mask`` without the regions whose lexeme has no span). Every variant of the term
+    then runs on the updated arrays; a variant that reads none of ``provides`` cannot take the field.
+    ``options``: further optional fields the derivations read."""
+
+    field: str
+    default: str
+    provides: tuple[str, ...]
+    derive: Mapping[str, Callable[[Any], LossVariant]]
+    options: tuple[LossOption, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "derive", types.MappingProxyType(dict(self.derive)))
+
+    def all_options(self) -> tuple[LossOption, ...]:
+        return (LossOption(self.field, self.default, (self.default, *self.derive), optional=True), *self.options)
+
+
+def _with_derived_inputs(variant: LossVariant, derived: LossVariant, provides: tuple[str, ...]) -> LossVariant:
+    """``variant`` reading the arrays ``derived`` computes instead of the ``provides`` outputs it declares."""
+    outputs = tuple(dict.fromkeys([k for k in variant.outputs if k not in provides] + list(derived.outputs)))
+    batch_keys = tuple(dict.fromkeys(variant.batch_keys + derived.batch_keys))
+
+    def fn(o, b, c):
+        new_o, new_b = derived.fn({k: o[k] for k in derived.outputs}, {k: b[k] for k in derived.batch_keys}, c)
+        o, b = {**o, **new_o}, {**b, **new_b}
+        return variant.fn({k: o[k] for k in variant.outputs}, {k: b[k] for k in variant.batch_keys}, c)
+
+    return LossVariant(outputs, batch_keys, fn)
+
+
+@dataclasses.dataclass(frozen=True)
 class LossTerm:
     """A weighted term: ``config.weights[name]`` scales it; it is computed iff that weight is non-zero.
 
@@ -401,6 +476,7 @@ class LossTerm:
       select: config field choosing the variant ("" for a single variant, keyed "").
       options: further config fields its variants read.
       presets: per method, defaults of ``select``/``options`` that differ from the usual ones.
+      inputs: an optional ``LossInput``: a field that derives some of the variants' inputs from other arrays.
     """
 
     name: str
@@ -413,6 +489,7 @@ class LossTerm:
     form: tuple[str, str] | None = None
     form_variants: Mapping[str, LossVariant] = dataclasses.field(default_factory=dict)
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    inputs: LossInput | None = None
 
     def __post_init__(self):
         # Read-only views: the table is constant.
@@ -428,7 +505,7 @@ class LossTerm:
         if self.form:
             field, default = self.form
             selector += (LossOption(field, default, (default, *self.form_variants), optional=True),)
-        return selector + self.options
+        return selector + self.options + (self.inputs.all_options() if self.inputs else ())
 
     def defaults(self, method: str) -> dict[str, Any]:
         """The config fields this term owns, with their default values for ``method``."""
@@ -436,11 +513,23 @@ class LossTerm:
         return {opt.field: preset.get(opt.field, opt.default) for opt in self.all_options()
                 if not opt.optional or opt.field in preset}
 
-    def variant(self, config) -> LossVariant:
-        """The variant ``config`` selects."""
+    def base_variant(self, config) -> LossVariant:
+        """The variant ``config`` selects with ``select`` and ``form``, reading its inputs as declared."""
         if self.form and config.get(self.form[0], self.form[1]) != self.form[1]:
             return self.form_variants[config[self.form[0]]]
         return self.variants[config[self.select] if self.select else ""]
+
+    def derived_inputs(self, config) -> LossVariant | None:
+        """The derivation ``config`` asks for through ``inputs``, or None."""
+        if self.inputs is None:
+            return None
+        value = config.get(self.inputs.field, self.inputs.default)
+        return None if value == self.inputs.default else self.inputs.derive[value](config)
+
+    def variant(self, config) -> LossVariant:
+        """The variant ``config`` selects (with its inputs derived as ``inputs`` asks)."""
+        variant, derived = self.base_variant(config), self.derived_inputs(config)
+        return variant if derived is None else _with_derived_inputs(variant, derived, self.inputs.provides)
 
 
 # Variant functions: (outputs, batch, config) -> unweighted scalar, reading only their declared keys.
@@ -486,6 +575,23 @@ def _lrc_vocab(o, b, c):
     return lexeme_vocab_contrastive_loss(
         o["region_embed"], o["lexeme_vocab_embed"], b["box_mask"], b["lexeme_id"], o["logit_scale"]
     )
+
+
+# lrc_text="tokens" (reading B of "Text Token Space"): the lexeme embedding is the mean of the lexeme's tokens in one
+# pass of the text tower over the source text; lrc_token_source picks the source, i.e. which per-token output it reads.
+_LRC_TOKEN_SOURCES = {"region_caption": "region_text_token_embed", "caption": "text_token_embed"}
+
+
+def _lexeme_from_tokens(config) -> LossVariant:
+    """``lexeme_embed`` = ``span_mean_pool`` of the source's token embeddings over ``lexeme_span``; regions without a
+    span (lexeme not found in the source text) leave the term through ``box_mask``."""
+    key = _LRC_TOKEN_SOURCES[config.get("lrc_token_source", "region_caption")]
+
+    def fn(o, b, c):
+        pooled, found = span_mean_pool(o[key], b["lexeme_span"])
+        return {"lexeme_embed": pooled}, {"box_mask": b["box_mask"].astype(bool) & found}
+
+    return LossVariant((key,), ("box_mask", "lexeme_span"), fn)
 
 
 def _region_caption(o, b, c):
@@ -540,6 +646,9 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
             "sigmoid": LossVariant(("region_embed", "lexeme_embed", "logit_scale", "logit_bias"), _MASK_IDS,
                                    _lrc_sigmoid),
         },
+        inputs=LossInput("lrc_text", "lexeme", provides=("lexeme_embed",), derive={"tokens": _lexeme_from_tokens},
+                         options=(LossOption("lrc_token_source", "region_caption", tuple(_LRC_TOKEN_SOURCES),
+                                             optional=True),)),
     ),
     LossTerm(
         "gr", weights={"harmoclip": 1.0}, select="gr_variant",
@@ -634,6 +743,13 @@ def validate_loss_config(config) -> None:
                 and config[term.select] != next(iter(term.variants)):
             raise ValueError(f"loss config: {term.form[0]}={config[term.form[0]]!r} needs {term.select}="
                              f"{next(iter(term.variants))!r}, not {config[term.select]!r}")
+        if term.derived_inputs(config) is not None and \
+                not set(term.inputs.provides) & set(term.base_variant(config).outputs):
+            selector = term.form[0] if term.form and config.get(*term.form) != term.form[1] else term.select
+            raise ValueError(f"loss config: {term.inputs.field}={config[term.inputs.field]!r} derives "
+                             f"{list(term.inputs.provides)}, which {selector}={config[selector]!r} does not read; "
+                             f"use {term.select}={next(iter(term.variants))!r} or {term.inputs.field}="
+                             f"{term.inputs.default!r}")
     if not any(float(config.weights[t]) != 0.0 for t in config.weights.keys()):
         raise ValueError("loss config: every loss weight is zero; enable at least one term")
 

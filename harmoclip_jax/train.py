@@ -50,6 +50,10 @@ TEXT_INPUTS = {"text": "text_embed", "region_text": "region_text_embed", "lexeme
 # Region texts repeat within a batch (Scenes: 256 lexemes, 36 distinct): with a bound in these config.region
 # fields, the step encodes each distinct text once (a `{key}_table` of token rows and a `{key}_index` into it).
 DISTINCT_TEXT_FIELDS = {"region_text": "distinct_region_texts", "lexeme": "distinct_lexemes"}
+# Token-level LRC (config.loss.lrc_text="tokens"): batch keys whose token rows go through the text tower once, every
+# position projected (`encode_text_tokens`), and the loss-output key of those per-token embeddings. Never cached: the
+# text cache holds one embedding per text.
+TOKEN_TEXT_INPUTS = {"text": "text_token_embed", "region_text": "region_text_token_embed"}
 TEACHER_OUTPUTS = ("teacher_crop_embed", "teacher_region_embed")
 
 
@@ -89,6 +93,14 @@ def compute_outputs(model: ImageTextModel, teacher: ImageTextModel | None, batch
             else:
                 tokens = batch[key]
                 out[name] = model.encode_text(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:-1], -1)
+    for key, name in TOKEN_TEXT_INPUTS.items():
+        if name in needed:
+            if f"{key}_table" in batch:  # each distinct text encoded once
+                out[name] = model.encode_text_tokens(batch[f"{key}_table"])[batch[f"{key}_index"]]
+            else:
+                tokens = batch[key]
+                per_token = model.encode_text_tokens(tokens.reshape(-1, tokens.shape[-1]))
+                out[name] = per_token.reshape(*tokens.shape[:-1], *per_token.shape[1:])
     if "crop_embed" in needed or "teacher_crop_embed" in needed:
         crops = box_crops(images, batch["boxes"], region.crop_scale)
         if "crop_embed" in needed:
@@ -241,6 +253,10 @@ def make_train_step(config, glue: ModelGlue, tx, schedule, train_mask, needed, u
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(step),
                    "logit_scale": jnp.exp(params["logit_scale"])}
         metrics.update({f"loss/{k}": v for k, v in terms.items() if k != "total"})
+        if "lexeme_span" in batch:  # token-level LRC: the share of real regions whose lexeme was found in the text
+            real = batch["box_mask"].astype(bool)
+            found = real & (batch["lexeme_span"][..., 1] > batch["lexeme_span"][..., 0])
+            metrics["lrc/span_found"] = jnp.sum(found) / jnp.maximum(jnp.sum(real), 1)
         return new_state, metrics
 
     return train_step
@@ -256,6 +272,10 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
                                                     backbone)
     needed = losses.required_outputs(config.loss)
     text_frozen = not any(v for k, v in _flat(train_mask).items() if backbone.in_text_tower(k))
+    if text_frozen and needed & set(TOKEN_TEXT_INPUTS.values()):
+        log.warning("config.loss.lrc_text='tokens' with a frozen text tower: CLIP's causal text tower never trained "
+                    "tokens other than EOT into the joint space, so token-level LRC should train the text tower (or its "
+                    "last blocks): config.optim.freeze_text_tower=False")
     uses_teacher = bool(needed & set(TEACHER_OUTPUTS))
 
     abstract = {"params": glue.abstract_params,
@@ -288,7 +308,11 @@ def _flat(tree) -> dict[str, Any]:
 def device_batch_keys(trainer: Trainer, cache_active: bool) -> list[str]:
     """Keys of the host batch the train step needs (tokens are replaced by cached embeddings when frozen, or by a
     table of distinct texts and indices into it when config.region bounds their number)."""
-    keys = {"image", "boxes", "box_mask", "lexeme_id"}
+    keys = {"image", "boxes", "box_mask", "lexeme_id"} | losses.required_batch_keys(trainer.config.loss)
+    for key, name in TOKEN_TEXT_INPUTS.items():  # per-token embeddings: always encoded in the step
+        if name in trainer.needed:
+            distinct = not cache_active and trainer.config.region.get(DISTINCT_TEXT_FIELDS.get(key, ""), 0)
+            keys.update((f"{key}_table", f"{key}_index") if distinct else (key,))
     for key, name in TEXT_INPUTS.items():
         if name in trainer.needed:
             if cache_active:

@@ -15,6 +15,9 @@ continuing the same global stream; `position=` starts a new iterator there in O(
     region_text  (B, T, 77) int32       region captions (zeros where padded)
     lexeme       (B, T, 77) int32       region lexemes (zeros where padded)
     lexeme_id    (B, T) int32           `lexeme_id(lexeme)`: equal strings -> equal ids; -1 where none
+    lexeme_span  (B, T, 2) int32        only with `lexeme_spans` set (token-level LRC): [start, end) of the lexeme's
+                                        tokens in that row of `region_text` ("region_text") or in `text` ("text");
+                                        -1 where the lexeme is not found there or the region is padded
     label        (B, T) int32           class index, -1 where none
     index        (B,) int32             record index in the split
     num_bad_records (B,) int32          bad records repaired or skipped to produce each example (diagnostics)
@@ -48,6 +51,7 @@ rule. Eval raises `BadRecordError` naming the record at the first problem.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
@@ -100,6 +104,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # less to make, batch and transfer; what an accelerator's input rate needs). The same numbers either way.
     config.image_dtype = "float32"
     config.max_regions = 8  # T: regions per training image (random subset, padded with box_mask)
+    # Token-level LRC (`config_lib.data_config` sets it from config.loss.lrc_text / lrc_token_source): "" no spans,
+    # "region_text" / "text": emit `lexeme_span`, the lexeme's token positions in that batch key's rows.
+    config.lexeme_spans = ""
     config.eval_max_regions = 16  # regions per eval image; a record with more is an error, never truncated
     config.eval_captions = 5  # K: captions per eval image (COCO/Flickr: 5)
     config.batch_size = 32  # per process
@@ -156,6 +163,28 @@ class _TokenCache:
 
 
 _TOKEN_CACHES: dict[tuple[str, int], _TokenCache] = {}
+
+
+@functools.lru_cache(maxsize=100_000)
+def _content_ids(text: str, tokenizer: str) -> tuple[int, ...]:
+    """Token ids of `text` alone without start/end tokens (the tokenizer's `encode`)."""
+    from harmoclip_jax.tokenizer import get_tokenizer
+
+    return tuple(get_tokenizer(tokenizer).encode(text)) if text.strip() else ()
+
+
+def find_span(row: np.ndarray, ids: Sequence[int]) -> tuple[int, int]:
+    """[start, end) of the first occurrence of the id sequence `ids` in the token row `row`; (-1, -1) if absent or
+    empty. The lexeme's ids are those of the lexeme tokenized alone: CLIP's BPE lowercases and encodes word by word,
+    and SigLIP's SentencePiece splits on whitespace (a word's first piece carries the word-start mark either way), so
+    a lexeme that occurs verbatim (up to case, spacing and, for SigLIP, punctuation) in the text is found. A lexeme
+    that is not a substring of the text (lemmatised, reordered) or that lies beyond the truncated context is not."""
+    ids = np.asarray(ids, row.dtype)
+    k = len(ids)
+    if not k or k > len(row):
+        return -1, -1
+    hits = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(row, k) == ids, axis=1))
+    return (int(hits[0]), int(hits[0]) + k) if len(hits) else (-1, -1)
 
 
 def _tokenize(texts: Sequence[str], tokenizer: str, context_length: int) -> np.ndarray:
@@ -270,11 +299,15 @@ class TrainTransform:
     does not depend on worker count or thread timing. Module-level class: multiprocess workers unpickle it.
     """
 
-    def __init__(self, *, inputs: ModelInputs, max_regions: int, seed: int, epoch_length: int):
+    def __init__(self, *, inputs: ModelInputs, max_regions: int, seed: int, epoch_length: int,
+                 lexeme_spans: str = ""):
+        if lexeme_spans not in ("", "region_text", "text"):
+            raise ValueError(f"lexeme_spans={lexeme_spans!r}; use '', 'region_text' or 'text'")
         self.inputs = inputs
         self.max_regions = max_regions
         self.seed = seed
         self.epoch_length = epoch_length
+        self.lexeme_spans = lexeme_spans
 
     def __call__(self, position: int, indexed_record: tuple[int, dict]) -> dict:
         record_index, record = indexed_record
@@ -319,6 +352,12 @@ class TrainTransform:
         lexeme_ids[: len(keep)] = [lexeme_id(x) for x in kept_lexemes]
         out_labels = np.full((t,), -1, np.int32)
         out_labels[: len(keep)] = labels[keep]
+        spans = {}
+        if self.lexeme_spans:
+            spans["lexeme_span"] = np.full((t, 2), -1, np.int32)
+            for j, text in enumerate(kept_lexemes):
+                row = region_text[j] if self.lexeme_spans == "region_text" else tokens[0]
+                spans["lexeme_span"][j] = find_span(row, _content_ids(text, self.inputs.tokenizer))
         return {
             "image": image,
             "text": tokens[0],
@@ -327,6 +366,7 @@ class TrainTransform:
             "region_text": region_text,
             "lexeme": lexeme,
             "lexeme_id": lexeme_ids,
+            **spans,
             "label": out_labels,
             "index": np.int32(record_index),
             "_problems": (_describe(record, record_index), tuple(problems)),
@@ -547,7 +587,8 @@ def _global_examples(config: ml_collections.ConfigDict, source: Sequence[dict], 
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))
     ds = ds.seed(seed).shuffle().repeat(config.num_epochs)
     return ds.map_with_index(TrainTransform(inputs=ModelInputs.from_config(config), max_regions=config.max_regions,
-                                            seed=seed, epoch_length=len(source)))
+                                            seed=seed, epoch_length=len(source),
+                                            lexeme_spans=config.get("lexeme_spans", "")))
 
 
 class ReplaceBadRecords:

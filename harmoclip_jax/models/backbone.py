@@ -37,6 +37,12 @@ class ImageTextModel(Protocol):
         """(B, S, S, 3) -> (B, h, w, E) features in the joint space, h = S / patch_size; with `return_global`,
         `(encode_image(images), dense)` from one pass."""
 
+    # Optional (token-level LRC, `config.loss.lrc_text="tokens"`; config validation names families without it):
+    # def encode_text_tokens(self, tokens: jax.Array) -> jax.Array:
+    #     """(N, L) ids -> (N, L' >= L, E) projected, not normalised, per-token embeddings from one pass of the text
+    #     tower (final LN + projection on every position; positions < L are the input's tokens, L' > L where the
+    #     family pads rows, as SigLIP). The position `encode_text` pools equals `encode_text`."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:

@@ -287,7 +287,8 @@ class TextTransformer(nnx.Module):
         self.ln_final = LayerNorm(w, epsilon=eps, dtype=dtype, param_dtype=param_dtype)
         self.text_projection = nnx.Param(_normal(w**-0.5)(rngs.params(), (w, embed_dim), param_dtype))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def _hidden(self, tokens: jax.Array) -> jax.Array:
+        """(N, L) ids -> (N, L, width) after the causal blocks and ln_final."""
         n = self.cfg.context_length
         if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= n:
             raise ValueError(f"token ids must be (N, L) int arrays with L <= {n} (harmoclip_jax.tokenizer.tokenize), "
@@ -297,10 +298,19 @@ class TextTransformer(nnx.Module):
         length = tokens.shape[1]
         x = (self.token_embedding[...].astype(self.dtype)[tokens]
              + self.positional_embedding[...].astype(self.dtype)[:length])
-        x = self.ln_final(self.transformer(x, causal=True))
+        return self.ln_final(self.transformer(x, causal=True))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = self._hidden(tokens)
         # EOT has the largest id in CLIP's vocabulary, so argmax finds it (first occurrence if padded with EOT).
         eot = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
         return (eot @ self.text_projection[...].astype(self.dtype)).astype(jnp.float32)
+
+    def tokens(self, tokens: jax.Array) -> jax.Array:
+        """(N, L) ids -> (N, L, E): ln_final + text_projection applied to every position (the EOT row is
+        `__call__`'s embedding). Causal attention: position i sees only tokens 0..i, and CLIP trained only the EOT
+        row into the joint space."""
+        return (self._hidden(tokens) @ self.text_projection[...].astype(self.dtype)).astype(jnp.float32)
 
 
 class CLIP(nnx.Module):
@@ -323,6 +333,11 @@ class CLIP(nnx.Module):
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """(N, L <= context_length) int token ids -> (N, E) text embeddings (short rows: see TextTransformer)."""
         return self.text(tokens)
+
+    def encode_text_tokens(self, tokens: jax.Array) -> jax.Array:
+        """(N, L <= context_length) ids -> (N, L, E) projected (not normalised) per-token embeddings; the row at each
+        text's EOT position equals `encode_text`."""
+        return self.text.tokens(tokens)
 
     def encode_dense(self, images: jax.Array, *, return_global: bool = False):
         """(B, H, W, 3) -> (B, h, w, E) patch features in the joint space (last block as value path).

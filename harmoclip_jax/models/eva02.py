@@ -313,6 +313,11 @@ class EVA02CLIP(nnx.Module):
         """(N, L <= context_length) int token ids -> (N, E)."""
         return self.text(tokens)
 
+    def encode_text_tokens(self, tokens: jax.Array) -> jax.Array:
+        """(N, L <= context_length) ids -> (N, L, E) per-token embeddings (CLIP's text tower: ln_final + projection on
+        every position; the EOT row equals `encode_text`)."""
+        return self.text.tokens(tokens)
+
     def encode_dense(self, images: jax.Array, *, return_global: bool = False):
         """(B, H, W, 3) -> (B, h, w, E) patch features (last block as value path); with `return_global`,
         `(encode_image(images), dense)` from one pass."""

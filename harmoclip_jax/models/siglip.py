@@ -314,7 +314,8 @@ class TextTransformer(nnx.Module):
         self.head = nnx.Linear(w, config.embed_dim, dtype=self.dtype, param_dtype=param_dtype,
                                kernel_init=_normal(w**-0.5), rngs=rngs)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def _hidden(self, tokens: jax.Array) -> jax.Array:
+        """(N, L) ids -> (N, context_length, width) after the blocks and the final LN (rows padded as SigLIP)."""
         n = self.cfg.context_length
         if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= n:
             raise ValueError(f"token ids must be (N, L) int arrays with L <= {n} (the siglip tokenizer), got shape "
@@ -323,8 +324,15 @@ class TextTransformer(nnx.Module):
         # full context (as SigLIP was trained) to encode like the same text at full length.
         tokens = jnp.pad(tokens, ((0, 0), (0, n - tokens.shape[1])), constant_values=self.cfg.pad_id)
         x = self.token_embedding[...].astype(self.dtype)[tokens] + self.positional_embedding[...].astype(self.dtype)
-        x = self.ln_final(self.transformer(x))
-        return self.head(x[:, -1]).astype(jnp.float32)
+        return self.ln_final(self.transformer(x))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.head(self._hidden(tokens)[:, -1]).astype(jnp.float32)
+
+    def tokens(self, tokens: jax.Array) -> jax.Array:
+        """(N, L) ids -> (N, context_length, E): final LN + head on every position of the padded row; the last
+        position is `__call__`'s embedding."""
+        return self.head(self._hidden(tokens)).astype(jnp.float32)
 
 
 class SigLIP(nnx.Module):
@@ -348,6 +356,12 @@ class SigLIP(nnx.Module):
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """(N, L <= context_length) ids -> (N, E); short rows are padded with `text.pad_id` to the context."""
         return self.text(tokens)
+
+    def encode_text_tokens(self, tokens: jax.Array) -> jax.Array:
+        """(N, L <= context_length) ids -> (N, context_length, E) per-token embeddings (final LN + head on every
+        position of the row padded to the context; the last position, which SigLIP pools, equals `encode_text`).
+        Positions < L are the input's tokens."""
+        return self.text.tokens(tokens)
 
     def encode_dense(self, images: jax.Array, *, return_global: bool = False):
         """(B, S, S, 3) -> (B, h, w, E) patch features in the joint space (`config.dense_mode`); with
