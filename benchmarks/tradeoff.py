@@ -182,7 +182,11 @@ def pretrain_config(study: Study):
 
 def finetune_config(study: Study, run: Run, seed: int, init_dir: pathlib.Path):
     c = base_config(study, run.method)
-    c.loss.update_from_flattened_dict(run.loss)
+    for key, value in run.loss.items():  # optional loss fields (absent from the defaults, e.g. lrc_text) are added
+        if key in c.loss or "." in key:
+            c.loss.update_from_flattened_dict({key: value})
+        else:
+            c.loss[key] = value
     c.seed = c.data.seed = seed
     c.init.mode = "params"
     c.init.params_dir = str(init_dir)
