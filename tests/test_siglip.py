@@ -15,6 +15,7 @@ from harmoclip_jax import losses as L
 from harmoclip_jax import tokenizer as tk
 from harmoclip_jax.models import glue, registry, siglip
 from harmoclip_jax.models.backbone import image_text_logits
+from trainer_helpers import scenes_spm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -414,26 +415,6 @@ def test_tokenizer_ids_equal_transformers_siglip_tokenizer(spm_file, tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _scenes_spm(path: pathlib.Path) -> pathlib.Path:
-    """A SentencePiece model for the Scenes captions (their words, plus every letter so nothing is unknown)."""
-    import sentencepiece as spm
-
-    from harmoclip_jax.data import scenes
-
-    words = [*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, "a", "an", "the", "of", "and", "with", "on", "left",
-             "right", "above", "below", "next", "to", "photo", "picture", "there", "is", "are", "two", "three"]
-    corpus = [" ".join(words[i:i + 6]) for i in range(len(words))] + [f"a {c}" for c in scenes.CLASS_NAMES]
-    corpus += ["abcdefghijklmnopqrstuvwxyz 0123456789"]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 3), model_writer=buf, vocab_size=120,
-                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
-                                   bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-                                   character_coverage=1.0, minloglevel=2)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "spiece.model").write_bytes(buf.getvalue())
-    return path / "spiece.model"
-
-
 def _train_config(total_steps, spm):
     from harmoclip_jax import config_lib
 
@@ -457,7 +438,7 @@ def test_tiny_siglip_trains_on_scenes_resumes_and_predicts(tmp_path):
     from harmoclip_jax.inference import Predictor
     from harmoclip_jax.metrics_writer import read_metrics
 
-    spm = _scenes_spm(tmp_path / "spm")
+    spm = scenes_spm(tmp_path / "spm")
     workdir = tmp_path / "run"
     metrics = train.train_and_evaluate(_train_config(3, spm), workdir)
     assert workdir_lib.checkpoint_steps(workdir) == [2, 3]

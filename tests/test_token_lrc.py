@@ -8,6 +8,7 @@ from flax import nnx
 
 from harmoclip_jax import losses as L
 from harmoclip_jax.models import clip, eva02, siglip
+from trainer_helpers import scenes_spm
 
 
 @pytest.mark.parametrize("model_class,variant", [(clip.CLIP, "test-tiny"), (eva02.EVA02CLIP, "EVA02-test-tiny"),
@@ -183,35 +184,13 @@ def test_pipeline_emits_lexeme_spans(scenes_dir, source):
     assert found > 0 and (source == "text" or found == mask.sum())
 
 
-def _scenes_spm(path):
-    """A small unigram SentencePiece model of the Scenes words with SigLIP's special ids (pad 0, </s> 1, <unk> 2)."""
-    import io
-
-    import sentencepiece as spm
-
-    from harmoclip_jax.data import scenes
-
-    words = [*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, "a", "an", "the", "of", "and", "with", "on", "left",
-             "right", "above", "below", "next", "to", "photo", "picture", "there", "is", "are", "two", "three"]
-    corpus = [" ".join(words[i:i + 6]) for i in range(len(words))] + ["abcdefghijklmnopqrstuvwxyz 0123456789"]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 3), model_writer=buf, vocab_size=90,
-                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
-                                   bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-                                   character_coverage=1.0, minloglevel=2)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "spiece.model").write_bytes(buf.getvalue())
-    return path / "spiece.model"
-
-
 def test_sentencepiece_spans_on_scenes_region_captions(scenes_dir, tmp_path):
     """SigLIP's SentencePiece splits on whitespace and a word's first piece carries the word-start mark with or
     without text before it, so the lexeme tokenized alone is found in every Scenes region caption."""
-    pytest.importorskip("sentencepiece")
-    from harmoclip_jax.data import pipeline
+    from harmoclip_jax.data import pipeline, scenes
     from harmoclip_jax.tokenizer import get_tokenizer
 
-    name = f"siglip:{_scenes_spm(tmp_path)}"
+    name = f"siglip:{scenes_spm(tmp_path, [f'a {c}' for c in scenes.CLASS_NAMES], vocab_size=120)}"
     config = pipeline.default_data_config()
     config.update(dataset="scenes/tiny", image_size=32, max_regions=3, batch_size=8, read_threads=1,
                   tokenizer=name, context_length=64, lexeme_spans="region_text")

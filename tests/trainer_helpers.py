@@ -96,3 +96,28 @@ def losses_by_step(workdir) -> dict[int, float]:
     from harmoclip_jax.metrics_writer import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r}
+
+
+def scenes_spm(path, extra_lines=(), vocab_size=90):
+    """A tiny SentencePiece model (SigLIP's tokenizer kind) for the Scenes captions: their words, `extra_lines`,
+    and every letter, so nothing is unknown. Returns the path of `path/spiece.model`."""
+    import io
+    import pathlib
+
+    import sentencepiece as spm
+
+    from harmoclip_jax.data import scenes
+
+    words = [*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, "a", "an", "the", "of", "and", "with", "on", "left",
+             "right", "above", "below", "next", "to", "photo", "picture", "there", "is", "are", "two", "three"]
+    corpus = [" ".join(words[i:i + 6]) for i in range(len(words))] + list(extra_lines)
+    corpus += ["abcdefghijklmnopqrstuvwxyz 0123456789"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 3), model_writer=buf, vocab_size=vocab_size,
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+                                   character_coverage=1.0, minloglevel=2)
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "spiece.model").write_bytes(buf.getvalue())
+    return path / "spiece.model"

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from harmoclip_jax.evaluators.common import EvalContext, collect, dataset_metadata, l2_normalize
+from harmoclip_jax.evaluators.common import EvalContext, class_metadata, collect, l2_normalize
 
 # Prompt templates in the style of ViLD's ensemble ("a photo of a {}.", "There is a {} in the scene.", ...).
 DEFAULT_TEMPLATES = (
@@ -109,11 +109,8 @@ class BoxClassificationEvaluator:
         self.name = name
         self.config = eval_config
         self.context = context
-        meta = dataset_metadata(eval_config.dataset, context.data_config.data_dir)
-        self.class_names = list(eval_config.get("class_names") or meta.get("class_names") or [])
-        if not self.class_names:
-            raise ValueError(f"eval {name}: dataset {eval_config.dataset} has no class_names metadata; box "
-                             "classification needs a labelled dataset (e.g. scenes, coco_panoptic_boxes)")
+        self.class_names, meta = class_metadata(name, eval_config, context, "box classification needs a labelled "
+                                                "dataset (e.g. scenes, coco_panoptic_boxes)")
         self.is_thing = meta.get("is_thing") or None
         self.is_novel = meta.get("is_novel") or None
         self.templates = tuple(eval_config.get("templates") or DEFAULT_TEMPLATES)

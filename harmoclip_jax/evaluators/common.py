@@ -56,6 +56,16 @@ def dataset_metadata(dataset: str, data_dir: str | None) -> dict:
     return dict(builder.info.metadata or {})
 
 
+def class_metadata(name: str, eval_config, context: EvalContext, needs: str) -> tuple[list[str], dict]:
+    """(class names, dataset metadata) of an eval that classifies: `eval_config.class_names` or the dataset's;
+    `needs` ends the error when there are none (what kind of dataset the eval needs)."""
+    meta = dataset_metadata(eval_config.dataset, context.data_config.data_dir)
+    class_names = list(eval_config.get("class_names") or meta.get("class_names") or [])
+    if not class_names:
+        raise ValueError(f"eval {name}: dataset {eval_config.dataset} has no class_names metadata; {needs}")
+    return class_names, meta
+
+
 def eval_data_config(context: EvalContext, eval_config, overrides: dict | None = None) -> ml_collections.ConfigDict:
     """The pipeline config of one eval: the experiment's data config on the eval's dataset and split, with
     `overrides` (pipeline flags an evaluator needs, e.g. `eval_segmentation=True`) on top."""

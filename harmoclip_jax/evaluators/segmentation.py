@@ -28,7 +28,7 @@ import numpy as np
 from harmoclip_jax import sharding
 from harmoclip_jax.data.features import SEGMENTATION_IGNORE
 from harmoclip_jax.evaluators.box_classification import DEFAULT_TEMPLATES, class_embeddings, class_flags
-from harmoclip_jax.evaluators.common import EvalContext, dataset_metadata, eval_batches, eval_data_config, record_order
+from harmoclip_jax.evaluators.common import EvalContext, class_metadata, eval_batches, eval_data_config, record_order
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
@@ -120,11 +120,8 @@ class SegmentationEvaluator:
         self.name = name
         self.config = eval_config
         self.context = context
-        meta = dataset_metadata(eval_config.dataset, context.data_config.data_dir)
-        self.class_names = list(eval_config.get("class_names") or meta.get("class_names") or [])
-        if not self.class_names:
-            raise ValueError(f"eval {name}: dataset {eval_config.dataset} has no class_names metadata; segmentation "
-                             "needs a labelled dataset with masks (e.g. scenes OV configs, coco_panoptic_boxes)")
+        self.class_names, meta = class_metadata(name, eval_config, context, "segmentation needs a labelled "
+                                                "dataset with masks (e.g. scenes, coco_panoptic_boxes)")
         if len(self.class_names) > SEGMENTATION_IGNORE:
             raise ValueError(f"eval {name}: {len(self.class_names)} classes; uint8 masks hold at most "
                              f"{SEGMENTATION_IGNORE} (255 is the ignore label)")
