@@ -7,9 +7,13 @@
 # On the lent H200 (the `run` tool of /work/.library/device), from the repository root. Once, here:
 #     benchmarks/accelerator_suite.sh --download-wheels      # ml_collections, ftfy, wcwidth into .whl/ (ignored)
 # then one call, expected to take about 8 minutes (the suite stops itself by 450 s plus process start-up):
-#     run(command="PYTHONUNBUFFERED=1 benchmarks/accelerator_suite.sh --wheels .whl 2>&1 | tee $OUT/suite.log",
+#     run(command="benchmarks/accelerator_suite.sh --wheels .whl >$OUT/suite.jsonl 2>$OUT/suite.err; rc=$?;
+#                  tail -c 2500 $OUT/suite.err; cat $OUT/suite.jsonl; exit $rc",
 #         carry=[".whl"], timeout_s=540)
-# The JSON lines are in the reply's output_tail and in suite.log; paste them into benchmarks/RESULTS.md.
+# (one line in the call). The JSON lines end the reply's output_tail and come back in suite.jsonl (suite.err: each
+# case's stderr, nvidia-smi's line) even if the call is cut off; paste them into benchmarks/RESULTS.md. The device
+# tool sends the session's own checkout: merge this branch there first. 540 s leaves 90 s over the suite's budget;
+# the machine's start (a minute or two) comes on top, so one call uses about 10 of the task's 15 device minutes.
 #
 # The H200 image has jax, torch, transformers, flax, optax, orbax, PIL, but not ml_collections, ftfy or wcwidth
 # (pure Python, imported by harmoclip_jax at import time): --wheels DIR installs DIR/*.whl, with no index and no
@@ -17,7 +21,8 @@
 # stands an inert stub in for grain (imported, never called, on the train step's path) and measures the pipeline
 # with a process pool where grain is absent.
 #
-# Here (CPU, tests/test_accelerator_suite.py): benchmarks/accelerator_suite.sh --tiny    (about a minute)
+# Here (CPU, tests/test_accelerator_suite.py): benchmarks/accelerator_suite.sh --tiny    (3 min on 2 cores shared
+# with other work, 2.3 min of CPU time; the test adds JAX_DISABLE_MOST_OPTIMIZATIONS)
 # Any other option is passed to benchmarks/accelerator_suite.py (e.g. --cases train_step,encode --batch 128).
 # Exit status: 0 when every case ran or was skipped for a stated reason (e.g. "no CUDA"), 1 when one failed.
 set -euo pipefail
@@ -29,8 +34,9 @@ while (($#)); do
     case "$1" in
         --wheels) WHEELS="$2"; shift 2 ;;
         --download-wheels)
-            # ftfy's and wcwidth's newest releases at the time of writing; ml_collections as in requirements.txt.
-            python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0 ftfy wcwidth
+            # Pure-Python wheels (any platform); wcwidth 0.2.13, the last pure-Python release (0.9 ships binaries).
+            python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0 ftfy==6.3.1 \
+                wcwidth==0.2.13
             exit 0 ;;
         *) PASS+=("$1"); shift ;;
     esac
