@@ -33,6 +33,7 @@ import importlib.abc
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -443,6 +444,8 @@ def _search(args, remat: bool, deadline: float):
         entry["seconds"] = round(time.perf_counter() - start, 1)
         last_seconds = time.perf_counter() - start
         tried.append(entry)
+        sys.stderr.write(f"max_batch remat={remat}: {json.dumps(entry)}\n")  # survives a crash of this process
+        sys.stderr.flush()
         if entry["result"] != "fits":
             break
     stats = jax.devices()[0].memory_stats() or {}
@@ -515,12 +518,16 @@ def orchestrate(args, argv) -> int:
         if name in ("encode", "train_step_torch", "roi_align"):
             env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # torch shares the GPU with JAX in those processes
         start = time.perf_counter()
+        # Its own process group, so that a case cut off at its bound goes with its workers (the pipeline's pool),
+        # which would otherwise hold the output pipes open.
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-            stdout, stderr, code, why = proc.stdout, proc.stderr, proc.returncode, f"exit status {proc.returncode}"
-        except subprocess.TimeoutExpired as expired:
-            stdout = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-            stderr = (expired.stderr or b"").decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
+            stdout, stderr = proc.communicate(timeout=timeout)
+            code, why = proc.returncode, f"exit status {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
             code, why = -1, f"timed out after {timeout:.0f} s (its bound)"
         seconds = time.perf_counter() - start
         lines = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
