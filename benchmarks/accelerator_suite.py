@@ -508,7 +508,7 @@ def orchestrate(args, argv) -> int:
             continue
         if timeout < 5:
             failures += 1
-            _emit({**label, "cpu": _cpu(), "device": device, "error": "not run: the suite's --budget_s is spent"})
+            _emit({**label, "cpu": _cpu(), "device": device, "error": "not run: under 5 s left of its bound or of the suite's --budget_s"})
             continue
         command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_case", name, *extra,
                    "--case_budget_s", str(max(timeout - 15 * args.bound_scale, 1)), *argv]

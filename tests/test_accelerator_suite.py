@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 from trainer_helpers import subprocess_env
@@ -49,12 +50,17 @@ def test_accelerator_suite_script_runs_every_case_on_cpu():
         assert line["ours"] == 2 and [t["result"] for t in line["case"]["searched"]] == ["fits", "OOM"], line
 
 
-def test_accelerator_suite_reports_a_failing_case():
-    """A case that cannot run is an "error" line and a nonzero exit, not silence: here the suite's budget is spent
-    before the first case starts."""
+@pytest.mark.parametrize("options,error", [
+    (["--budget_s", "1"], "not run: under 5 s left"),  # the suite's budget is spent before the case starts
+    (["--bound_scale", "0.2", "--pipeline_window_s", "60"], "timed out after 8 s"),  # cut off, its pool with it
+])
+def test_accelerator_suite_reports_a_failing_case(options, error):
+    """A case that cannot run or finish is an "error" line and a nonzero exit, not silence or a hang."""
     env = subprocess_env()
+    start = time.monotonic()
     proc = subprocess.run([sys.executable, "benchmarks/accelerator_suite.py", "--tiny", "--cases", "pipeline",
-                           "--budget_s", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           *options], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     [line] = [json.loads(x) for x in proc.stdout.splitlines()]
-    assert FORMAT <= set(line) and line["bench"] == "pipeline" and "budget" in line["error"], line
+    assert FORMAT <= set(line) and line["bench"] == "pipeline" and line["error"].startswith(error), line
+    assert time.monotonic() - start < 120
