@@ -21,7 +21,7 @@
 # stands an inert stub in for grain (imported, never called, on the train step's path) and measures the pipeline
 # with a process pool where grain is absent.
 #
-# Here (CPU, tests/test_accelerator_suite.py): benchmarks/accelerator_suite.sh --tiny    (3 min on 2 cores shared
+# Here (CPU, tests/test_accelerator_suite.py): benchmarks/accelerator_suite.sh --tiny  (1.5-3 min on 2 cores shared
 # with other work, 2.3 min of CPU time; the test adds JAX_DISABLE_MOST_OPTIMIZATIONS)
 # Any other option is passed to benchmarks/accelerator_suite.py (e.g. --cases train_step,encode --batch 128).
 # Exit status: 0 when every case ran or was skipped for a stated reason (e.g. "no CUDA"), 1 when one failed.

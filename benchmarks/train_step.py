@@ -219,7 +219,7 @@ def reference(args, batch, device="cpu", autocast_dtype=None, info=None):
         with torch.no_grad():
             model.logit_scale.clamp_(max=float(np.log(100.0)))
         if str(device) == "cpu":
-            return float(loss)
+            return float(loss.detach())
         torch.cuda.synchronize()  # a step ends when the device is done (one sync per step, as float(loss) on CPU)
         return None
 
