@@ -118,7 +118,12 @@ def ours(args, batch):
 # -------------------------------------------------------------------------------------------- reference
 
 
-def reference(args, batch):
+def reference(args, batch, device="cpu", autocast_dtype=None, info=None):
+    """Seconds per step of the PyTorch reference on `device` ("cpu" or "cuda"); `autocast_dtype` (e.g.
+    torch.bfloat16) runs forward + losses under torch.autocast, the usual mixed-precision recipe (params and AdamW
+    stay float32). Attention is transformers' SDPA where available; `info` (a dict) gets the one used."""
+    import contextlib
+
     from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
 
     ensure_torch_reference_stack()
@@ -129,6 +134,13 @@ def reference(args, batch):
 
     torch.set_num_threads(args.threads)
     model = hf_clip_model(args.variant, image_size=args.size).train()
+    if hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation("sdpa")
+        except Exception:  # noqa: BLE001 - a transformers or torch without SDPA here: its default attention
+            pass
+    model = model.to(device)
+    attention = getattr(model.config, "_attn_implementation", None)
     vm, patch = model.vision_model, model.config.vision_config.patch_size
     grid = args.size // patch
     for p in model.text_model.parameters():
@@ -159,7 +171,7 @@ def reference(args, batch):
         """Mean of points x points bilinear samples inside each (aligned, -0.5 cell) box."""
         b, t = boxes.shape[:2]
         g = (boxes / patch) - 0.5  # grid coordinates of the box
-        frac = (torch.arange(points, dtype=torch.float32) + 0.5) / points
+        frac = (torch.arange(points, dtype=torch.float32, device=boxes.device) + 0.5) / points
         xs = g[..., 0:1] + frac * (g[..., 2:3] - g[..., 0:1])  # (b, t, P)
         ys = g[..., 1:2] + frac * (g[..., 3:4] - g[..., 1:2])
         gx = (xs + 0.5) / grid * 2 - 1
@@ -172,8 +184,9 @@ def reference(args, batch):
     def info_nce(q, k, scale, valid=None, positive=None):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         n = q.shape[0]
-        valid = torch.ones(n, dtype=torch.bool) if valid is None else valid
-        pos = torch.eye(n, dtype=torch.bool) if positive is None else (positive | torch.eye(n, dtype=torch.bool))
+        eye = torch.eye(n, dtype=torch.bool, device=q.device)
+        valid = torch.ones(n, dtype=torch.bool, device=q.device) if valid is None else valid
+        pos = eye if positive is None else (positive | eye)
         logits = scale * q @ k.T
 
         def one_way(lg, ps):
@@ -183,26 +196,35 @@ def reference(args, batch):
 
         return (one_way(logits, pos) + one_way(logits.T, pos.T)) / 2
 
-    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    tb = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
     pixels = tb["image"].permute(0, 3, 1, 2).contiguous()
+    autocast = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
 
     def step():
         opt.zero_grad(set_to_none=True)
-        image, dense = encode_dense(pixels)
-        regions = roi_pool(dense, tb["boxes"]).reshape(-1, dense.shape[-1])
-        scale = model.logit_scale.exp()
-        mask = tb["box_mask"].reshape(-1)
-        ids = tb["lexeme_id"].reshape(-1)
-        gc = info_nce(image, tb["text_embed"], scale)
-        lrc = info_nce(regions, tb["lexeme_embed"].reshape(regions.shape), scale, mask, ids[:, None] == ids[None])
-        gr = info_nce(regions, tb["region_text_embed"].reshape(regions.shape), scale, mask)
-        loss = gc + lrc + gr
+        with autocast:
+            image, dense = encode_dense(pixels)
+            regions = roi_pool(dense.float(), tb["boxes"]).reshape(-1, dense.shape[-1])
+            scale = model.logit_scale.exp()
+            mask = tb["box_mask"].reshape(-1)
+            ids = tb["lexeme_id"].reshape(-1)
+            gc = info_nce(image, tb["text_embed"], scale)
+            lrc = info_nce(regions, tb["lexeme_embed"].reshape(regions.shape), scale, mask,
+                           ids[:, None] == ids[None])
+            gr = info_nce(regions, tb["region_text_embed"].reshape(regions.shape), scale, mask)
+            loss = gc + lrc + gr
         loss.backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(max=float(np.log(100.0)))
-        return float(loss)
+        if str(device) == "cpu":
+            return float(loss.detach())
+        torch.cuda.synchronize()  # a step ends when the device is done (one sync per step, as float(loss) on CPU)
+        return None
 
+    if info is not None:
+        info["attention"] = attention
     return _time(step, args.steps)
 
 
