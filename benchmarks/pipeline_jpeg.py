@@ -37,22 +37,22 @@ receives the batches, is not counted in N but is in the CPU-second figure). Best
 warm-up batches that also fill the prefetch buffers (no window consumes work done before it).
 
 Findings (2-core AMD EPYC Zen 3, 6 processes on 2 cores, 2026-11-29; benchmarks/RESULTS.md; to be rerun idle):
-ours 108 images per CPU-second (9.2 ms/image) against the 210 needed (4.76 ms); PIL draft + resize alone is
-214 (4.7 ms), plain PIL 119. Profile, CPU ms per image: decode (draft) 3.17 (38 %), resize 1.59 (19 %), float32
-normalise 1.54 (19 %), record read (TFDS feature decoding of the record) 1.15 (14 %), boxes/regions 0.57 (7 %),
-tokenize (warm cache) 0.12, stacking float32 batches 0.13; the iterator adds ~1 ms/image over the replica (grain,
-2 read threads on one core). Decode dominates. What would make it faster, in order of payoff:
+ours 107 images per CPU-second (9.3 ms/image) against the 210 needed (4.76 ms); PIL draft + resize alone is
+237 (4.2 ms), plain PIL 104. Profile, CPU ms per image: decode (draft) 2.94 (38 %), resize 1.51 (20 %), float32
+normalise 1.44 (19 %), record read (TFDS feature decoding of the record) 1.03 (13 %), boxes/regions 0.52 (7 %),
+tokenize (warm cache) 0.11, stacking float32 batches 0.14; the iterator adds ~1.8 ms/image over the replica (grain,
+2 read threads on one core, 19 MB float32 batches). Decode dominates. What would make it faster, in order of payoff:
   1. uint8 host batches, normalised on the device: `decode_image` returns `np.asarray(picture)` (uint8,
-     `to_uint8_array` 0.21 ms) and the train/eval step does `(x.astype(dtype) * (1/255) - mean) / std` (free on the
-     accelerator): -1.3 ms of normalise, stacking 0.13 -> 0.04 ms, and 4x fewer bytes per batch to move
-     (host->device, and worker->main process: 4.8 MB instead of 19 MB per batch of 32). ~15 % of the image cost.
-  2. Decode + resize are the floor on the CPU (4.7 ms with `draft`, i.e. the target alone): to go past it, decode
-     on the accelerator (nvJPEG / DALI), or prepare the dataset pre-shrunk (COCO stored at ~256-px short side:
-     `draft` then has no room, but the file is ~4x fewer bytes and pixels to decode), or use pillow-simd for the
-     resize (bilinear instead of bicubic saves only 0.5 ms and changes the preprocessing: not recommended).
-  3. Record read 1.15 ms: TFDS decodes every feature of the record (captions, regions, the zlib `segmentation`)
-     in Python; reading only what training needs would save part of it.
-  4. Keep the token cache: uncached tokenization is 0.61 ms/image, cached 0.12.
+     `to_uint8_array` 0.19 ms) and the train/eval step does `(x.astype(dtype) * (1/255) - mean) / std` (free on the
+     accelerator). The prototype case measures it: 107 -> 150 images per CPU-second (-2.7 ms/image: normalisation
+     plus cheaper batching), and 4x fewer bytes per batch to move (4.8 MB instead of 19 MB at batch 32).
+  2. Decode + resize are the floor on the CPU (~4.2-4.7 ms with `draft`, the whole budget): past it, decode on the
+     accelerator (nvJPEG / DALI), or prepare the dataset pre-shrunk (at 341x256, `--width 341 --height 256`, decode
+     drops to 1.2 ms; the iterator reaches 168-174, 192 with 1., still short under load), or a faster resize
+     (pillow-simd; bilinear saves only 0.5 ms and changes the preprocessing).
+  3. Record read 1.0 ms: TFDS decodes every feature of the record (captions, regions, `segmentation`) in Python;
+     reading only what training needs would save part of it. Boxes/regions 0.5 ms of per-record Python.
+  4. Keep the token cache: uncached tokenization is 0.53 ms/image, cached 0.11.
 
 Usage:
     python benchmarks/pipeline_jpeg.py [--data_dir DIR] [--num_images 256] [--batches 8] [--repeats 3]
