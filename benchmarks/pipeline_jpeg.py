@@ -20,9 +20,8 @@ Cases (one JSON object each, the format of benchmarks/RESULTS.md plus `target_pe
     float32 normalise, box checks, region subset, tokenize caption/region captions/lexemes, batch), default data
     config (224 px, T=8, batch 32, 2 read threads); same reference.
   - `train_iterator` with N grain worker processes (default N=2): the same; per core as below.
-  - `train_iterator_uint8_prototype`, 0 workers: the same iterator with `pipeline.decode_image` swapped (in this
-    process) for `_decode_uint8`, the proposed change (uint8 batches, normalised on the device), measured before
-    it is made; skip with --no_uint8_prototype.
+  - `train_iterator_uint8`, 0 and N workers: the same iterator with `config.data.image_dtype="uint8"` (raw pixels,
+    normalised on the device: what the COCO configs use); skip with --no_uint8.
   - `pipeline_profile`: CPU milliseconds per image of each stage of the training transform, measured in a
     stand-alone replica that calls the pipeline's own pieces (`_profile`), plus the whole `TrainTransform` and
     alternatives (uint8 images, uint8 stacking, uncached tokenization, bilinear resize).
@@ -183,19 +182,6 @@ def _draft(data: bytes, size: int) -> np.ndarray:
     return np.asarray(picture.convert("RGB").resize((size, size), Image.BICUBIC))
 
 
-def _decode_uint8(image, size: int, mean=None, std=None) -> np.ndarray:
-    """Prototype of recommendation 1: `pipeline.decode_image` without the float32 normalisation (uint8 squashed
-    pixels; the device would normalise). `mean`/`std` are accepted and left to the device."""
-    from PIL import Image
-
-    picture = Image.open(io.BytesIO(image))
-    picture.draft("RGB", (size, size))
-    picture = picture.convert("RGB")
-    if picture.size != (size, size):
-        picture = picture.resize((size, size), Image.BICUBIC)
-    return np.asarray(picture)
-
-
 def _cycle(items):
     position = 0
 
@@ -317,8 +303,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="batches per timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per case (best is reported)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--no_uint8_prototype", action="store_true",
-                        help="skip the case that runs the iterator with uint8 images (the proposed change)")
+    parser.add_argument("--no_uint8", action="store_true",
+                        help="skip the cases with uint8 host images (config.data.image_dtype='uint8')")
     parser.add_argument("--core", type=int, default=None, help="core to pin to (default: the last allowed one)")
     args = parser.parse_args()
 
@@ -353,25 +339,20 @@ def main() -> None:
     print(_line(dict(common, path="pil_draft_resize", **wall), draft["per_cpu_second"], plain["per_cpu_second"]),
           flush=True)
 
-    runs = [(workers, "train_iterator") for workers in args.workers]
-    if not args.no_uint8_prototype:
-        runs.append((0, "train_iterator_uint8_prototype"))
-    for workers, path in runs:
+    runs = [(workers, "train_iterator", "float32") for workers in args.workers]
+    if not args.no_uint8:
+        runs += [(workers, "train_iterator_uint8", "uint8") for workers in args.workers]
+    for workers, path, dtype in runs:
         config.num_workers = workers
+        config.image_dtype = dtype  # "uint8": raw pixels, normalised on the device (the accelerator configs' choice)
         os.sched_setaffinity(0, {core} if workers == 0 else all_cores)
-        original = pipeline.decode_image
-        if path == "train_iterator_uint8_prototype":  # the proposed change, in this process only (0 workers)
-            pipeline.decode_image = _decode_uint8
+        iterator = pipeline.make_train_iterator(config, source=source, process_index=0, process_count=1)
         try:
-            iterator = pipeline.make_train_iterator(config, source=source, process_index=0, process_count=1)
-            try:
-                image_dtype = str(next(iterator)["image"].dtype)
-                warmup = -(-config.read_buffer_size // b) + workers * config.worker_buffer_size
-                ours = _measure(lambda: next(iterator), b, args.batches, args.repeats, warmup)
-            finally:
-                iterator.close()
+            image_dtype = str(next(iterator)["image"].dtype)
+            warmup = -(-config.read_buffer_size // b) + workers * config.worker_buffer_size
+            ours = _measure(lambda: next(iterator), b, args.batches, args.repeats, warmup)
         finally:
-            pipeline.decode_image = original
+            iterator.close()
         cores = 1 if workers == 0 else workers
         case = dict(common, path=path, num_workers=workers, read_threads=config.read_threads,
                     batch_size=b, max_regions=config.max_regions, batches=args.batches, repeats=args.repeats,
