@@ -49,3 +49,33 @@ def test_encode_benchmark_runs_each_family(family, variant, reference):
     [line] = _cases("benchmarks/encode.py", "--family", family, "--variant", variant, "--iters", "1",
                     *([] if reference else ["--no_reference"]))
     assert line["case"]["family"] == family and (line["reference"] is not None) == reference
+
+
+def test_pipeline_jpeg_benchmark_reports_per_core_rates_and_a_profile(tmp_path):
+    """COCO-size-JPEG input benchmark at toy size (64x48 JPEGs, 32 px input, 8 images, one grain worker): one line
+    per case with the per-core target, and the per-image profile whose stages add up to its total."""
+    lines = _cases("benchmarks/pipeline_jpeg.py", "--data_dir", str(tmp_path), "--width", "64", "--height", "48",
+                   "--num_images", "8", "--image_size", "32", "--batch_size", "4", "--batches", "2", "--repeats", "1",
+                   "--workers", "0", "1")
+    by_case = {(x["bench"], x["case"].get("path"), x["case"].get("num_workers")): x for x in lines}
+    assert set(by_case) == {("pipeline_jpeg", "pil_draft_resize", None), ("pipeline_jpeg", "train_iterator", 0),
+                            ("pipeline_jpeg", "train_iterator", 1),
+                            ("pipeline_jpeg", "train_iterator_uint8", 0), ("pipeline_jpeg", "train_iterator_uint8", 1), ("pipeline_profile", None, None)}, \
+        list(by_case)
+    assert by_case["pipeline_jpeg", "train_iterator", 0]["case"]["image_dtype"] == "float32"
+    assert by_case["pipeline_jpeg", "train_iterator_uint8", 0]["case"]["image_dtype"] == "uint8"
+    for line in lines:
+        assert line["reference"] > 0 and line["case"]["jpeg"] == "64x48 q90" and line["case"]["num_images"] == 8
+    for key, line in by_case.items():
+        if key[0] == "pipeline_jpeg":
+            assert line["target_per_core"] == 210 and line["meets_target"] == (line["ours"] >= 210)
+            assert line["case"]["wall_per_core"] > 0
+    assert by_case["pipeline_jpeg", "train_iterator", 0]["case"]["pinned_to_core"] is not None
+    profile = by_case["pipeline_profile", None, None]
+    stages = profile["stages_ms"]
+    assert set(stages) == {"read_record", "decode", "resize", "normalise", "boxes_regions", "tokenize",
+                           "stack_batch"}
+    assert all(v >= 0 for v in stages.values()) and abs(sum(stages.values()) - profile["ours"]) < 0.01
+    assert profile["dominant_stage"] == max(stages, key=stages.get)
+    assert profile["whole_transform_ms"] > 0 and set(profile["alternatives_ms"]) == {
+        "to_uint8_array", "stack_batch_uint8", "tokenize_uncached", "resize_bilinear"}
