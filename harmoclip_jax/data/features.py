@@ -27,7 +27,6 @@ int, `file_name` bytes, `captions` list[bytes], and `regions` a dict of lists (`
 from __future__ import annotations
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 NO_LABEL = -1
 SEGMENTATION_IGNORE = 255  # mask pixels of no class (background, void)
@@ -38,8 +37,11 @@ def no_segmentation() -> np.ndarray:
     return np.zeros((0, 0), np.uint8)
 
 
-def record_features(encoding_format: str = "jpeg") -> tfds.features.FeaturesDict:
+def record_features(encoding_format: str = "jpeg") -> "tfds.features.FeaturesDict":
     """The TFDS FeaturesDict of an image-text-regions record (see module docstring)."""
+    import tensorflow_datasets as tfds  # here, not at the top: the pipeline reads this module's constants on
+    # machines without TFDS (the accelerator suite)
+
     return tfds.features.FeaturesDict(
         {
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding_format),
@@ -59,8 +61,10 @@ def record_features(encoding_format: str = "jpeg") -> tfds.features.FeaturesDict
     )
 
 
-def record_info(builder: tfds.core.DatasetBuilder, *, description: str, homepage: str,
-                encoding_format: str = "jpeg") -> tfds.core.DatasetInfo:
+def record_info(builder: "tfds.core.DatasetBuilder", *, description: str, homepage: str,
+                encoding_format: str = "jpeg") -> "tfds.core.DatasetInfo":
     """The DatasetInfo of a builder writing this schema; builders fill `metadata` (class names) while building."""
+    import tensorflow_datasets as tfds
+
     return tfds.core.DatasetInfo(builder=builder, description=description, homepage=homepage,
                                  features=record_features(encoding_format), metadata=tfds.core.MetadataDict())
