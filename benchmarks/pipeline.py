@@ -13,6 +13,7 @@ The scenes dataset is generated into DIR (default: the TFDS data dir) on first u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -87,7 +88,8 @@ def main() -> None:
 
     from harmoclip_jax.data import pipeline, scenes
 
-    scenes.Scenes(config=args.config, data_dir=args.data_dir).download_and_prepare()
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS announces the build on stdout; stdout is JSON lines only
+        scenes.Scenes(config=args.config, data_dir=args.data_dir).download_and_prepare()
     dataset = f"scenes/{args.config}"
     config = pipeline.default_data_config()
     config.dataset = dataset

@@ -60,6 +60,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -318,7 +319,8 @@ def main() -> None:
     builder = _builder(args.data_dir, width=args.width, height=args.height, num_images=args.num_images,
                        quality=args.quality, noise=args.noise, seed=0)
     built = not builder.is_prepared()
-    builder.download_and_prepare()
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS announces the build on stdout; stdout is JSON lines only
+        builder.download_and_prepare()
     print(f"dataset {builder.info.full_name} at {builder.data_dir} ({'built' if built else 'reused'}, "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
     source = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})

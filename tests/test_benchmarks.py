@@ -18,8 +18,9 @@ def _cases(*args):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
-    assert lines, proc.stdout[-2000:]
+    text = [x for x in proc.stdout.splitlines() if x.strip()]
+    assert text and all(x.startswith("{") for x in text), proc.stdout[-2000:]  # stdout: JSON lines only
+    lines = [json.loads(x) for x in text]
     for line in lines:
         assert FORMAT <= set(line), line
         assert line["cpu"] == cpu_description() and line["ours"] > 0
