@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image
 
 from harmoclip_jax.data import registry
-from harmoclip_jax.data.features import SEGMENTATION_IGNORE
+from harmoclip_jax.data.features import SEGMENTATION_IGNORE, no_segmentation
 from harmoclip_jax.models.normalization import OPENAI_CLIP, normalize_pixels
 from harmoclip_jax.ops import boxes as box_ops
 
@@ -499,7 +499,7 @@ class EvalTransform:
             example["captions"][: len(captions)] = self.inputs.tokens(captions)
             example["caption_mask"][: len(captions)] = True
         if self.segmentation:
-            mask = np.asarray(record.get("segmentation", np.zeros((0, 0), np.uint8)))
+            mask = np.asarray(record.get("segmentation", no_segmentation()))
             if mask.size:
                 if mask.ndim != 2 or mask.shape != _image_size(record["image"]):
                     raise fail(f"segmentation mask of shape {mask.shape} for an image of (height, width) "
