@@ -287,15 +287,12 @@ def case_roi_align(args, grain):
 
 
 def _decode(job):
-    """One image of the pipeline's per-example work: JPEG decode, bicubic squash to size, CLIP-normalise."""
-    import io
-
-    import numpy as np
-    from PIL import Image
+    """One image of the pipeline's per-example work: `data.images.decode_image` (JPEG draft decode, bicubic squash
+    to size, CLIP-normalise), the module the grain workers call, importable without grain or TFDS."""
+    from harmoclip_jax.data.images import decode_image
 
     data, size, mean, std = job
-    picture = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
-    return (np.asarray(picture, np.float32) / 255 - np.float32(mean)) / np.float32(std)
+    return decode_image(data, size, mean, std)
 
 
 def _jpegs(n, width, height):
@@ -339,7 +336,7 @@ def case_pipeline(args, grain):
     images = _jpegs(args.pipeline_images, *args.pipeline_source)
     from harmoclip_jax.models.normalization import OPENAI_CLIP
 
-    jobs = [(data, args.size, OPENAI_CLIP[0], OPENAI_CLIP[1]) for data in images]  # workers import PIL + numpy only
+    jobs = [(data, args.size, OPENAI_CLIP[0], OPENAI_CLIP[1]) for data in images]  # workers import data.images only
 
     def rate(run):
         run(jobs[:cores])  # warm-up (worker start-up, imports)
@@ -351,7 +348,8 @@ def case_pipeline(args, grain):
     reference = rate(lambda js: [_decode(j) for j in js])
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
         ours = rate(lambda js: pool.map(_decode, js, chunksize=max(len(js) // (4 * cores), 1)))
-    case = {"mode": "process pool: JPEG decode + bicubic resize + CLIP normalise (grain/TFDS absent or not asked "
+    case = {"mode": "process pool: data.images.decode_image (JPEG draft decode, bicubic resize, CLIP normalise; "
+                    "grain/TFDS absent or not asked "
                     "for; no tokenize, no region subset)" if mode == "pool" else mode,
             "processes": cores, "source": "x".join(map(str, args.pipeline_source)), "image_size": args.size,
             "images_per_window": len(jobs), "window_s": args.pipeline_window_s}

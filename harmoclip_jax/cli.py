@@ -88,6 +88,16 @@ def _config_key_message(error: BaseException, argv: Sequence[str]) -> str | None
     if not culprits:  # not an override's typo (say, a bug in a config file): describe it as it is
         return None
     hint = hint.strip()
+    if culprits[-1].lstrip("-") == f"config.loss.{key}":
+        from harmoclip_jax import config_lib, losses
+
+        option = losses.optional_loss_options().get(key)
+        if option is not None:  # left out of default configs so that older workdirs keep their identity
+            arg, files = config_lib.OPTIONAL_LOSS_ARGS.get(key, (None, ()))
+            how = (f"pass it as a config file argument instead, e.g. --config={files[0]}:{arg}={option.choices[-1]} "
+                   f"({' and '.join(files)} take{'s' if len(files) == 1 else ''} {arg}=)" if arg else f"set config.loss.{key} in a config file")
+            return (f"{culprits[-1]}: {key!r} is an optional loss field, absent from this config (default "
+                    f"{option.default!r}, choices {list(option.choices)}); {how}")
     return f"{culprits[-1]}: the config has no field {key!r}" + (f" ({hint})" if hint else "") + \
         "; the fields are listed in the config file and harmoclip_jax/config_lib.py"
 

@@ -300,6 +300,15 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     return c
 
 
+# The config-file arguments (`--config=FILE:ARG=VALUE`) that set the optional loss fields: a command-line override
+# cannot name a field the config lacks, so the error for `--config.loss.<field>` points here.
+OPTIONAL_LOSS_ARGS = {  # field -> (argument, the config files that take it)
+    "lrc_text": ("lrc_text", ("configs/demo.py", "configs/vitb16.py")),
+    "lrc_token_source": ("lrc_source", ("configs/demo.py", "configs/vitb16.py")),
+    "global_form": ("global_form", ("configs/siglip_b16.py",)),
+}
+
+
 def set_lrc_text(config: ml_collections.ConfigDict, text: str = "lexeme", source: str = "region_caption") -> None:
     """Sets the optional `config.loss.lrc_text` / `lrc_token_source` (the `lrc_text=`, `lrc_source=` arguments of the
     config files; absent from default configs, so command-line overrides need them set here first)."""

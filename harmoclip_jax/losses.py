@@ -106,6 +106,7 @@ __all__ = [
     "concept_pseudo_labels",
     "concept_loss",
     "default_loss_config",
+    "optional_loss_options",
     "validate_loss_config",
     "required_outputs",
     "required_batch_keys",
@@ -720,6 +721,11 @@ def default_loss_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
         for field, value in term.defaults(method).items():
             config[field] = value
     return config
+
+
+def optional_loss_options() -> dict[str, LossOption]:
+    """The optional loss fields (absent from the default configs, read with their default when absent), by name."""
+    return {opt.field: opt for term in LOSS_TERMS for opt in term.all_options() if opt.optional}
 
 
 def _check_choice(config, field, choices, default=None):

@@ -78,6 +78,23 @@ def test_describe_config_typo_keeps_the_suggestion():
     assert 'Did you mean "lr" instead of "lrr"?' in message and "\n" not in message
 
 
+def test_describe_optional_loss_field_names_the_config_argument():
+    # Optional loss fields are absent from default configs, so `--config.loss.<field>` cannot set them: the error
+    # says which config file argument does, and that the argument really works is checked by the config tests.
+    argv = ["main", "--config=configs/demo.py", "--config.loss.lrc_text=tokens"]
+    message = cli.describe(AttributeError(KeyError("'lrc_text'")), argv)
+    assert message.startswith("--config.loss.lrc_text: 'lrc_text' is an optional loss field"), message
+    assert "--config=configs/demo.py:lrc_text=tokens" in message and "\n" not in message
+    message = cli.describe(AttributeError(KeyError("'lrc_token_source'")),
+                           ["main", "--config.loss.lrc_token_source=caption"])
+    assert ":lrc_source=caption" in message, message
+    message = cli.describe(AttributeError(KeyError("'lrc_form'")), ["main", "--config.loss.lrc_form=sigmoid"])
+    assert "set config.loss.lrc_form in a config file" in message, message
+    # The same key elsewhere is an ordinary typo.
+    message = cli.describe(AttributeError(KeyError("'lrc_text'")), ["main", "--config.optim.lrc_text=1"])
+    assert "the config has no field 'lrc_text'" in message, message
+
+
 def test_describe_strips_embedded_tracebacks():
     text = ("flag --config=configs/demo.py:method=x: Error whilst parsing config file:\n\n  Traceback (most recent "
             "call last):\n    File \"configs/demo.py\", line 16\n  ValueError: method='x' is unknown\n")

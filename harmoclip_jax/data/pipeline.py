@@ -65,7 +65,8 @@ from PIL import Image
 
 from harmoclip_jax.data import registry
 from harmoclip_jax.data.features import SEGMENTATION_IGNORE, no_segmentation
-from harmoclip_jax.models.normalization import OPENAI_CLIP, normalize_pixels
+from harmoclip_jax.data.images import decode_image  # noqa: F401 - part of this module's API
+from harmoclip_jax.models.normalization import OPENAI_CLIP
 from harmoclip_jax.ops import boxes as box_ops
 
 log = logging.getLogger(__name__)
@@ -196,27 +197,6 @@ def _tokenize(texts: Sequence[str], tokenizer: str, context_length: int) -> np.n
 
 def _to_str(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def decode_image(image: Any, size: int, mean: Sequence[float] = OPENAI_CLIP[0],
-                 std: Sequence[float] = OPENAI_CLIP[1], dtype: str = "float32") -> np.ndarray:
-    """Encoded bytes (or a uint8 HWC array) -> (size, size, 3), squashed: float32 normalised with the per-channel
-    `mean` / `std` of [0, 1] pixels (a model's `Backbone.image_mean` / `image_std`), or with `dtype="uint8"` the raw
-    pixels, which the device normalises (`ModelGlue.model_images`): 4x fewer bytes to make, batch and transfer."""
-    if isinstance(image, np.ndarray):
-        picture = Image.fromarray(image)
-    else:
-        picture = Image.open(io.BytesIO(image))
-        picture.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale that still covers size x size
-    picture = picture.convert("RGB")
-    if picture.size != (size, size):
-        picture = picture.resize((size, size), Image.BICUBIC)
-    pixels = np.asarray(picture, dtype=np.uint8)
-    if dtype == "uint8":
-        return pixels
-    if dtype != "float32":
-        raise ValueError(f"image dtype {dtype!r}: use 'float32' (normalised here) or 'uint8' (on the device)")
-    return normalize_pixels(pixels, mean, std)
 
 
 @dataclasses.dataclass(frozen=True)
