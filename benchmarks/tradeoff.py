@@ -43,7 +43,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-from harmoclip_jax import cli  # noqa: E402
+from harmoclip_jax import cli, workdir as workdir_lib  # noqa: E402
 from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -222,6 +222,10 @@ def run_one(config, run_dir: pathlib.Path) -> dict:
     start = time.perf_counter()
     metrics = train.train_and_evaluate(config, run_dir)
     missing = [m for name, m in METRICS.items() if m not in metrics and name not in OPTIONAL_METRICS]
+    steps = workdir_lib.checkpoint_steps(run_dir)
+    if missing and (not steps or steps[-1] < config.total_steps):  # Ctrl-C / SIGTERM: the trainer saved and returned
+        raise cli.Error(f"{run_dir}: stopped at step {steps[-1] if steps else 0} of {config.total_steps} (checkpoint "
+                        "saved); rerun the same command to resume the study from there")
     if missing:
         raise RuntimeError(f"{run_dir}: the run finished without the metrics {missing}; got {sorted(metrics)}")
     result = {"metrics": {name: float(metrics[key]) for name, key in METRICS.items() if key in metrics},
@@ -449,7 +453,9 @@ def main(argv=None) -> int:
     if stamp.exists() and stamp.read_text() != described:
         raise cli.UsageError(f"{workdir} holds a study with other settings ({stamp.read_text()}); use another "
                          f"--workdir for {described}")
-    stamp.write_text(described)
+    tmp = stamp.with_suffix(f".tmp{os.getpid()}")  # atomic: a second study process (--only) may be reading it
+    tmp.write_text(described)
+    os.replace(tmp, stamp)
     if not args.report_only:
         run_study(study, workdir, names)
     rows = collect(workdir, study)

@@ -54,3 +54,25 @@ def test_smoke_study_reports_and_resumes(tmp_path):
                             "--report_only"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                            timeout=120)
     assert clash.returncode != 0 and "other settings" in clash.stderr
+
+
+def test_interrupted_run_says_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C during a run: the trainer saves and returns early, and the study stops with the way to resume instead
+    of a missing-metrics error (which stays for a run that reached its last step without them)."""
+    import ml_collections
+    import pytest
+
+    from harmoclip_jax import cli, train
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import tradeoff
+
+    monkeypatch.setattr(train, "train_and_evaluate", lambda config, run_dir: {"loss": 1.0})
+    config = ml_collections.ConfigDict({"total_steps": 150, "seed": 0})
+    monkeypatch.setattr(tradeoff.workdir_lib, "checkpoint_steps", lambda run_dir: [75, 91])
+    with pytest.raises(cli.Error, match=r"stopped at step 91 of 150 .*rerun the same command to resume"):
+        tradeoff.run_one(config, tmp_path / "run")
+    monkeypatch.setattr(tradeoff.workdir_lib, "checkpoint_steps", lambda run_dir: [150])
+    with pytest.raises(RuntimeError, match="finished without the metrics"):
+        tradeoff.run_one(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "result.json").exists()
