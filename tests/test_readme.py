@@ -12,6 +12,7 @@ prepare commands (COCO/Flickr30k files: their builders run on hand-made files in
 study (test_tradeoff runs it at smoke size) and the test command (CI runs it). The multi-host launch is run by
 test_multiprocess.test_readme_multi_host_launch; README command 1's runtime-only install by .ci/run.
 """
+import json
 import pathlib
 import re
 import shlex
@@ -87,8 +88,9 @@ def test_readme_command_is_valid(command):
                 node = node[key]
 
 
-def test_readme_tradeoff_table_is_the_generated_one():
-    """The study's table in the README is exactly what `benchmarks/tradeoff.py` last wrote to docs/tradeoff.md."""
+def test_readme_tradeoff_table_is_the_generated_one(monkeypatch):
+    """The study's table in the README is exactly what `benchmarks/tradeoff.py` last wrote to docs/tradeoff.md, and
+    that is the table of the runs in docs/tradeoff.json."""
     readme = (ROOT / "README.md").read_text()
     begin, end = "<!-- tradeoff table: begin -->\n", "<!-- tradeoff table: end -->"
     assert begin in readme and end in readme
@@ -98,6 +100,16 @@ def test_readme_tradeoff_table_is_the_generated_one():
     command = (ROOT / "docs" / "tradeoff.md").read_text().split("\n", 1)[0]
     assert command.removeprefix("<!-- regenerate: ").removesuffix(" -->") in readme
     assert "docs/tradeoff.png" in readme and (ROOT / "docs" / "tradeoff.png").exists()
+    # ... and that file is the table of docs/tradeoff.json's runs: regenerated here with the study's own code.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import tradeoff
+
+    data = json.loads((ROOT / "docs" / "tradeoff.json").read_text())
+    study = tradeoff.Study(**{**data["study"], "seeds": tuple(data["study"]["seeds"])})
+    assert tradeoff.markdown_table(data["runs"], study).strip() == generated.strip()
+    for row in data["runs"].values():  # per-seed values behind every mean
+        for metric, values in row["per_seed"].items():
+            assert len(values) == len(row["seeds"]) and abs(sum(values) / len(values) - row["mean"][metric]) < 1e-9
 
 
 @pytest.mark.slow
