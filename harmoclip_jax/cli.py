@@ -94,8 +94,12 @@ def _config_key_message(error: BaseException, argv: Sequence[str]) -> str | None
         option = losses.optional_loss_options().get(key)
         if option is not None:  # left out of default configs so that older workdirs keep their identity
             arg, files = config_lib.OPTIONAL_LOSS_ARGS.get(key, (None, ()))
-            how = (f"pass it as a config file argument instead, e.g. --config={files[0]}:{arg}={option.choices[-1]} "
-                   f"({' and '.join(files)} take{'s' if len(files) == 1 else ''} {arg}=)" if arg else f"set config.loss.{key} in a config file")
+            if arg:
+                takes = "takes" if len(files) == 1 else "take"
+                how = (f"pass it as a config file argument instead, e.g. --config={files[0]}:{arg}="
+                       f"{option.choices[-1]} ({' and '.join(files)} {takes} {arg}=)")
+            else:
+                how = f"set config.loss.{key} in a config file"
             return (f"{culprits[-1]}: {key!r} is an optional loss field, absent from this config (default "
                     f"{option.default!r}, choices {list(option.choices)}); {how}")
     return f"{culprits[-1]}: the config has no field {key!r}" + (f" ({hint})" if hint else "") + \
