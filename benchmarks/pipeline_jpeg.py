@@ -22,6 +22,9 @@ Cases (one JSON object each, the format of benchmarks/RESULTS.md plus `target_pe
   - `train_iterator` with N grain worker processes (default N=2): the same; per core as below.
   - `train_iterator_uint8`, 0 and N workers: the same iterator with `config.data.image_dtype="uint8"` (raw pixels,
     normalised on the device: what the COCO configs use); skip with --no_uint8.
+  - `train_iterator_resize_canvas`, 0 and N workers: uint8 with `config.data.resize_canvas` (--resize_canvas, default
+    2S = 448): the draft-decoded picture (320x240 here) leaves on a zero canvas with its size and the train step squashes
+    it on the device (`ops/resize.py`, PIL's bicubic to 1 level); the host skips the resize. Skip with --no_uint8.
   - `pipeline_profile`: CPU milliseconds per image of each stage of the training transform, measured in a
     stand-alone replica that calls the pipeline's own pieces (`_profile`), plus the whole `TrainTransform` and
     alternatives (uint8 images, uint8 stacking, uncached tokenization, bilinear resize).
@@ -35,23 +38,12 @@ images/s; with N workers the process is unpinned and `wall_per_core` = images/s 
 receives the batches, is not counted in N but is in the CPU-second figure). Best of `--repeats` windows, after
 warm-up batches that also fill the prefetch buffers (no window consumes work done before it).
 
-Findings (2-core AMD EPYC Zen 3, 6 processes on 2 cores, 2026-11-29; benchmarks/RESULTS.md; to be rerun idle):
-ours 107 images per CPU-second (9.3 ms/image) against the 210 needed (4.76 ms); PIL draft + resize alone is
-237 (4.2 ms), plain PIL 104. Profile, CPU ms per image: decode (draft) 2.94 (38 %), resize 1.51 (20 %), float32
-normalise 1.44 (19 %), record read (TFDS feature decoding of the record) 1.03 (13 %), boxes/regions 0.52 (7 %),
-tokenize (warm cache) 0.11, stacking float32 batches 0.14; the iterator adds ~1.8 ms/image over the replica (grain,
-2 read threads on one core, 19 MB float32 batches). Decode dominates. What would make it faster, in order of payoff:
-  1. uint8 host batches, normalised on the device: `decode_image` returns `np.asarray(picture)` (uint8,
-     `to_uint8_array` 0.19 ms) and the train/eval step does `(x.astype(dtype) * (1/255) - mean) / std` (free on the
-     accelerator). The prototype case measures it: 107 -> 150 images per CPU-second (-2.7 ms/image: normalisation
-     plus cheaper batching), and 4x fewer bytes per batch to move (4.8 MB instead of 19 MB at batch 32).
-  2. Decode + resize are the floor on the CPU (~4.2-4.7 ms with `draft`, the whole budget): past it, decode on the
-     accelerator (nvJPEG / DALI), or prepare the dataset pre-shrunk (at 341x256, `--width 341 --height 256`, decode
-     drops to 1.2 ms; the iterator reaches 168-174, 192 with 1., still short under load), or a faster resize
-     (pillow-simd; bilinear saves only 0.5 ms and changes the preprocessing).
-  3. Record read 1.0 ms: TFDS decodes every feature of the record (captions, regions, `segmentation`) in Python;
-     reading only what training needs would save part of it. Boxes/regions 0.5 ms of per-record Python.
-  4. Keep the token cache: uncached tokenization is 0.53 ms/image, cached 0.11.
+Findings (benchmarks/RESULTS.md has the tables). 2-core AMD EPYC Zen 3, idle, 2026-11-30, images per CPU-second
+on one core: plain PIL 143; ours 176 with float32 batches, 209 with uint8 batches (normalised on the device) and
+278 with uint8 + `resize_canvas=448` (the bicubic squash on the device): the 210 target is met only with the
+resize off the host. Profile, CPU ms per image: decode (draft) 2.22, resize 1.15, float32 normalise 0.97, record
+read 0.57, boxes/regions 0.26, tokenize (warm cache) 0.06, stacking 0.13. Decode is what remains on the host;
+past it, decoding on the accelerator (nvJPEG) or a dataset prepared pre-shrunk.
 
 Usage:
     python benchmarks/pipeline_jpeg.py [--data_dir DIR] [--num_images 256] [--batches 8] [--repeats 3]
@@ -306,6 +298,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--no_uint8", action="store_true",
                         help="skip the cases with uint8 host images (config.data.image_dtype='uint8')")
+    parser.add_argument("--resize_canvas", type=int, default=None,
+                        help="canvas of the train_iterator_resize_canvas cases (config.data.resize_canvas; "
+                             "default 2 x --image_size, which holds 640x480 JPEGs drafted to 320x240 at 224)")
     parser.add_argument("--core", type=int, default=None, help="core to pin to (default: the last allowed one)")
     args = parser.parse_args()
 
@@ -323,7 +318,7 @@ def main() -> None:
         builder.download_and_prepare()
     print(f"dataset {builder.info.full_name} at {builder.data_dir} ({'built' if built else 'reused'}, "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    source = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    source = pipeline.builder_source(builder, "train", undecoded=pipeline.TRAIN_UNREAD_FEATURES)  # as training
     images = [source[i]["image"] for i in range(len(source))]
     config = pipeline.default_data_config()
     config.image_size, config.batch_size = args.image_size, args.batch_size
@@ -341,12 +336,15 @@ def main() -> None:
     print(_line(dict(common, path="pil_draft_resize", **wall), draft["per_cpu_second"], plain["per_cpu_second"]),
           flush=True)
 
-    runs = [(workers, "train_iterator", "float32") for workers in args.workers]
+    runs = [(workers, "train_iterator", "float32", 0) for workers in args.workers]
     if not args.no_uint8:
-        runs += [(workers, "train_iterator_uint8", "uint8") for workers in args.workers]
-    for workers, path, dtype in runs:
+        runs += [(workers, "train_iterator_uint8", "uint8", 0) for workers in args.workers]
+        canvas = args.resize_canvas or 2 * args.image_size
+        runs += [(workers, "train_iterator_resize_canvas", "uint8", canvas) for workers in args.workers]
+    for workers, path, dtype, canvas in runs:
         config.num_workers = workers
         config.image_dtype = dtype  # "uint8": raw pixels, normalised on the device (the accelerator configs' choice)
+        config.resize_canvas = canvas  # > 0: the bicubic squash runs on the device (ops/resize.py)
         os.sched_setaffinity(0, {core} if workers == 0 else all_cores)
         iterator = pipeline.make_train_iterator(config, source=source, process_index=0, process_count=1)
         try:
@@ -358,7 +356,7 @@ def main() -> None:
         cores = 1 if workers == 0 else workers
         case = dict(common, path=path, num_workers=workers, read_threads=config.read_threads,
                     batch_size=b, max_regions=config.max_regions, batches=args.batches, repeats=args.repeats,
-                    image_dtype=image_dtype, wall_images_per_s=round(ours["wall"], 1),
+                    image_dtype=image_dtype, resize_canvas=canvas, wall_images_per_s=round(ours["wall"], 1),
                     wall_per_core=round(ours["wall"] / cores, 1), wall_cores=cores,
                     pinned_to_core=core if workers == 0 else None)
         print(_line(case, ours["per_cpu_second"], plain["per_cpu_second"]), flush=True)

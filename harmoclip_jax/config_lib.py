@@ -139,6 +139,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     if config.data.get("image_dtype", "float32") not in ("float32", "uint8"):
         raise ValueError(f"config.data.image_dtype={config.data.image_dtype!r}; use 'float32' (normalised on the host) "
                          "or 'uint8' (raw pixels, normalised on the device)")
+    canvas = config.data.get("resize_canvas", 0)
+    if canvas and (config.data.get("image_dtype", "float32") != "uint8" or canvas < config.model.image_size):
+        raise ValueError(f"config.data.resize_canvas={canvas} needs config.data.image_dtype='uint8' (the device "
+                         f"resizes raw pixels) and a canvas of at least config.model.image_size="
+                         f"{config.model.image_size} pixels; set resize_canvas=0 to resize on the host")
     losses.validate_loss_config(config.loss)
     if token_lrc(config) and not callable(getattr(family.model_class, "encode_text_tokens", None)):
         raise ValueError(f"config.loss.lrc_text='tokens' needs per-token text embeddings (encode_text_tokens), which "

@@ -214,7 +214,7 @@ def make_train_step(config, glue: ModelGlue, tx, schedule, train_mask, needed, u
         params = jax.tree.map(lambda p, trained: p if trained else jax.lax.stop_gradient(p), params, train_mask)
         model = glue.merge(params)
         teacher_model = glue.merge({**params, glue.image_tower: teacher}) if uses_teacher else None
-        batch = {**batch, "image": glue.model_images(batch["image"])}
+        batch = {**batch, "image": glue.model_images(batch["image"], batch.get("image_hw"))}
         outputs = compute_outputs(model, teacher_model, batch, consts, needed, config.region)
         total, terms = losses.total_loss(config.loss, outputs, batch)
         if nan_step >= 0:
@@ -309,6 +309,8 @@ def device_batch_keys(trainer: Trainer, cache_active: bool) -> list[str]:
     """Keys of the host batch the train step needs (tokens are replaced by cached embeddings when frozen, or by a
     table of distinct texts and indices into it when config.region bounds their number)."""
     keys = {"image", "boxes", "box_mask", "lexeme_id"} | losses.required_batch_keys(trainer.config.loss)
+    if trainer.config.data.get("resize_canvas", 0):
+        keys.add("image_hw")
     for key, name in TOKEN_TEXT_INPUTS.items():  # per-token embeddings: always encoded in the step
         if name in trainer.needed:
             distinct = not cache_active and trainer.config.region.get(DISTINCT_TEXT_FIELDS.get(key, ""), 0)

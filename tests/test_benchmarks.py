@@ -61,10 +61,15 @@ def test_pipeline_jpeg_benchmark_reports_per_core_rates_and_a_profile(tmp_path):
     by_case = {(x["bench"], x["case"].get("path"), x["case"].get("num_workers")): x for x in lines}
     assert set(by_case) == {("pipeline_jpeg", "pil_draft_resize", None), ("pipeline_jpeg", "train_iterator", 0),
                             ("pipeline_jpeg", "train_iterator", 1),
-                            ("pipeline_jpeg", "train_iterator_uint8", 0), ("pipeline_jpeg", "train_iterator_uint8", 1), ("pipeline_profile", None, None)}, \
+                            ("pipeline_jpeg", "train_iterator_uint8", 0), ("pipeline_jpeg", "train_iterator_uint8", 1),
+                            ("pipeline_jpeg", "train_iterator_resize_canvas", 0),
+                            ("pipeline_jpeg", "train_iterator_resize_canvas", 1), ("pipeline_profile", None, None)}, \
         list(by_case)
     assert by_case["pipeline_jpeg", "train_iterator", 0]["case"]["image_dtype"] == "float32"
     assert by_case["pipeline_jpeg", "train_iterator_uint8", 0]["case"]["image_dtype"] == "uint8"
+    assert by_case["pipeline_jpeg", "train_iterator_uint8", 0]["case"]["resize_canvas"] == 0
+    canvas = by_case["pipeline_jpeg", "train_iterator_resize_canvas", 1]["case"]
+    assert canvas["image_dtype"] == "uint8" and canvas["resize_canvas"] == 64  # default: 2 x the 32 px input
     for line in lines:
         assert line["reference"] > 0 and line["case"]["jpeg"] == "64x48 q90" and line["case"]["num_images"] == 8
     for key, line in by_case.items():

@@ -154,3 +154,44 @@ def test_layer_norm_custom_backward_matches_autodiff(rng):
     want_torch = torch.nn.functional.layer_norm(torch.from_numpy(np.array(x)), (16,),
                                                 torch.from_numpy(np.array(scale)), torch.from_numpy(np.array(bias)))
     np.testing.assert_allclose(np.asarray(layer_norm(x, scale, bias, 1e-5)), want_torch.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_custom_backward_matches_torch(rng, causal):
+    """The heads-major attention (hand-written backward) equals torch's scaled_dot_product_attention, forward and
+    every input gradient, with and without the causal mask; bfloat16 inputs stay close too."""
+    import torch
+
+    from harmoclip_jax.models.clip import _heads_major_attention
+
+    b, t, n, h = 2, 9, 3, 8
+    q, k, v, cot = (rng.standard_normal((b, t, n, h)).astype(np.float32) * 2 for _ in range(4))
+    out, vjp = jax.vjp(lambda q, k, v: _heads_major_attention(q, k, v, causal=causal), q, k, v)
+    grads = vjp(jnp.asarray(cot))
+    tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).requires_grad_() for x in (q, k, v))  # (B, N, T, H)
+    want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+    want.backward(torch.from_numpy(cot).transpose(1, 2))
+    np.testing.assert_allclose(np.asarray(out), want.detach().transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, (tq, tk, tv)):
+        np.testing.assert_allclose(np.asarray(ours), theirs.grad.transpose(1, 2).numpy(), rtol=1e-4, atol=1e-5)
+    low = _heads_major_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), causal=causal)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(out), atol=0.1)
+
+
+def test_quick_gelu_matches_transformers(rng):
+    """The tanh form of quick_gelu equals transformers' QuickGELUActivation (x * sigmoid(1.702 x)) and its
+    gradient, to float32 rounding, except far below zero: there float32 tanh reaches -1 and the output 0 where
+    torch's is ~-1e-6 (2e-6 absolute bounds both)."""
+    import torch
+    from transformers.activations import QuickGELUActivation
+
+    from harmoclip_jax.models.clip import quick_gelu
+
+    x = (rng.standard_normal(4096) * 6).astype(np.float32)
+    tx = torch.from_numpy(x).requires_grad_()
+    want = QuickGELUActivation()(tx)
+    want.sum().backward()
+    np.testing.assert_allclose(np.asarray(quick_gelu(jnp.asarray(x))), want.detach().numpy(), rtol=1e-5, atol=2e-6)
+    grad = jax.grad(lambda x: quick_gelu(x).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grad), tx.grad.numpy(), rtol=1e-5, atol=1e-5)

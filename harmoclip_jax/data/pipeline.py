@@ -8,7 +8,9 @@ examples at positions [k*B, (k+1)*B) (B = per-process batch x process count) and
 continuing the same global stream; `position=` starts a new iterator there in O(1). One batch holds
 
     image        (B, S, S, 3) float32   squashed to S x S, normalised with the model's `image_mean`/`image_std`
-                                        (uint8 raw pixels with `image_dtype="uint8"`: the device normalises them)
+                                        (uint8 raw pixels with `image_dtype="uint8"`: the device normalises them;
+                                        (B, C, C, 3) uint8 pictures on a canvas with `resize_canvas` = C)
+    image_hw     (B, 2) int32           only with `resize_canvas`: each picture's height and width on its canvas
     text         (B, 77) int32          one global caption, drawn per (seed, epoch, record)
     boxes        (B, T, 4) float32      xyxy in pixels of the S x S image; zeros where padded
     box_mask     (B, T) bool            True for real regions (a random subset of at most T)
@@ -65,12 +67,14 @@ from PIL import Image
 
 from harmoclip_jax.data import registry
 from harmoclip_jax.data.features import SEGMENTATION_IGNORE, no_segmentation
-from harmoclip_jax.data.images import decode_image  # noqa: F401 - part of this module's API
+from harmoclip_jax.data.images import decode_image, decode_to_canvas
 from harmoclip_jax.models.normalization import OPENAI_CLIP
 from harmoclip_jax.ops import boxes as box_ops
 
 log = logging.getLogger(__name__)
 
+# Record features the train transform never reads: left undecoded in the train source.
+TRAIN_UNREAD_FEATURES = ("segmentation",)
 # Boxes may overshoot [0, 1] by float rounding; beyond this they are broken.
 _BOX_TOLERANCE = 1e-3
 # Why a box is dropped (train) or rejected (eval), by `ops.boxes.box_faults` code.
@@ -104,6 +108,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Host batches' images: "float32" normalised on the host, or "uint8" raw pixels normalised on the device (4x
     # less to make, batch and transfer; what an accelerator's input rate needs). The same numbers either way.
     config.image_dtype = "float32"
+    # 0: training images are squashed to S x S on the host. C > 0 (with image_dtype "uint8"): they leave as the
+    # JPEG-draft-decoded picture on a C x C canvas plus `image_hw`, and the train step squashes them on the device
+    # (`ops/resize.py`, PIL's bicubic; the host's most expensive step after the decode). C must hold the drafted
+    # pictures (larger ones are squashed on the host): 2S for 4:3 COCO-size JPEGs, 640 for any COCO image.
+    config.resize_canvas = 0
     config.max_regions = 8  # T: regions per training image (random subset, padded with box_mask)
     # Token-level LRC (`config_lib.data_config` sets it from config.loss.lrc_text / lrc_token_source): "" no spans,
     # "region_text" / "text": emit `lexeme_span`, the lexeme's token positions in that batch key's rows.
@@ -210,15 +219,24 @@ class ModelInputs:
     tokenizer: str
     context_length: int
     image_dtype: str = "float32"  # "uint8": raw pixels, normalised on the device
+    resize_canvas: int = 0  # > 0: training images leave on a canvas this size, squashed on the device
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "ModelInputs":
         return cls(image_size=config.image_size, image_mean=tuple(config.image_mean),
                    image_std=tuple(config.image_std), tokenizer=config.tokenizer, context_length=config.context_length,
-                   image_dtype=config.get("image_dtype", "float32"))
+                   image_dtype=config.get("image_dtype", "float32"), resize_canvas=config.get("resize_canvas", 0))
 
     def image(self, image: Any) -> np.ndarray:
         return decode_image(image, self.image_size, self.image_mean, self.image_std, self.image_dtype)
+
+    def train_image(self, image: Any) -> dict[str, np.ndarray]:
+        """A training example's image entries: `image` as `image()` makes it, or with `resize_canvas` the picture on
+        its canvas plus `image_hw` (the device finishes the resize: `ops.resize.resize_from_canvas`)."""
+        if not self.resize_canvas:
+            return {"image": self.image(image)}
+        canvas, hw = decode_to_canvas(image, self.image_size, self.resize_canvas)
+        return {"image": canvas, "image_hw": hw}
 
     def tokens(self, texts: Sequence[str]) -> np.ndarray:
         return _tokenize(texts, self.tokenizer, self.context_length)
@@ -295,7 +313,7 @@ class TrainTransform:
         rng = np.random.default_rng([self.seed, epoch, record_index])
         problems: list[str] = []
         try:
-            image = self.inputs.image(record["image"])
+            image = self.inputs.train_image(record["image"])
         except Exception as error:  # noqa: BLE001 - any decoder failure means the same: unusable image
             return _skip(record, record_index, [f"undecodable image ({type(error).__name__}: {error})"])
         captions = [_to_str(c) for c in record.get("captions", [])]
@@ -339,7 +357,7 @@ class TrainTransform:
                 row = region_text[j] if self.lexeme_spans == "region_text" else tokens[0]
                 spans["lexeme_span"][j] = find_span(row, _content_ids(text, self.inputs.tokenizer))
         return {
-            "image": image,
+            **image,
             "text": tokens[0],
             "boxes": out_boxes,
             "box_mask": box_mask,
@@ -508,8 +526,11 @@ class EvalTransform:
 # --------------------------------------------------------------------------------------------- builders
 
 
-def open_source(dataset: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
-    """Random-access TFDS source of `dataset` ("name[/config]") with images left encoded (decoded by us).
+def open_source(dataset: str, split: str, data_dir: str | None = None, *,
+                undecoded: Sequence[str] = ()) -> Sequence[dict]:
+    """Random-access TFDS source of `dataset` ("name[/config]") with images left encoded (decoded by us), and the
+    features named in `undecoded` too, left in their stored form (training never reads `segmentation`: a zlib
+    mask at image resolution where a record has one).
 
     Generated datasets (scenes) are built into `data_dir` on first use; the real datasets (COCO, Flickr30k) must
     have been prepared with `python -m harmoclip_jax.data.prepare` (docs/datasets.md). Any other TFDS builder
@@ -531,7 +552,17 @@ def open_source(dataset: str, split: str, data_dir: str | None = None) -> Sequen
                 f"`{registry.prepare_command(dataset, data_dir)}` (docs/datasets.md) or point config.data.data_dir "
                 f"at it (data_dir={data_dir!r}; None means the TFDS default, $TFDS_DATA_DIR)")
         builder.download_and_prepare()  # generated procedurally; nothing is downloaded
-    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    return builder_source(builder, split, undecoded=undecoded)
+
+
+def builder_source(builder, split: str, *, undecoded: Sequence[str] = ()) -> Sequence[dict]:
+    """The random-access source of a prepared TFDS `builder`'s `split`: images and the `undecoded` features left
+    in their stored form (`open_source`)."""
+    import tensorflow_datasets as tfds
+
+    skipped = [name for name in undecoded if name in builder.info.features]  # absent: nothing to skip
+    decoders = {name: tfds.decode.SkipDecoding() for name in ["image", *skipped]}
+    return builder.as_data_source(split=split, decoders=decoders)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -680,7 +711,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, data_dir: str | No
     process_index, process_count = _process(process_index, process_count)
     seed = config.seed if seed is None else seed
     if source is None:
-        source = open_source(config.dataset, config.train_split, data_dir or config.data_dir)
+        source = open_source(config.dataset, config.train_split, data_dir or config.data_dir,
+                             undecoded=TRAIN_UNREAD_FEATURES)
     if len(source) < config.batch_size * process_count:
         raise ValueError(f"the training split has {len(source)} records, fewer than one global batch "
                          f"(batch_size={config.batch_size} per process x {process_count} processes)")

@@ -27,28 +27,73 @@ _normal = jax.nn.initializers.normal
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
-    return x * jax.nn.sigmoid(1.702 * x)
+    """x * sigmoid(1.702 x), written with the identity sigmoid(z) = (1 + tanh(z / 2)) / 2: XLA:CPU's vectorised
+    tanh makes it ~4x faster than its exp-and-divide sigmoid at ViT-B/16's MLP size, alone (1576 x 3072: 3.0 vs
+    11.8 ms forward on a 2-core AMD EPYC, AVX2; inside the train step, where the pass is memory-bound, the gain is
+    a few ms per layer). Same values to float32 rounding, but below x ~ -9.3 float32 tanh is -1 and the output 0
+    instead of >= -1.3e-6."""
+    return x * (0.5 + 0.5 * jnp.tanh(0.851 * x))
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-def _heads_major_attention(q, k, v, *, causal: bool):
-    """Softmax attention as two batched matmuls over (batch*heads): (B, T, N, H) -> (B, T, N, H).
+def _batched_matmul(a, b, contract_a: int, contract_b: int) -> jax.Array:
+    """(G, ., .) x (G, ., .) -> (G, ., .), contracting one axis of each, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0,), (0,))),
+                               preferred_element_type=jnp.float32)
 
-    Same math as `jax.nn.dot_product_attention(implementation="xla")`, but with the heads moved next to the batch
-    first, which XLA:CPU runs as plain batched GEMMs: measured 4x faster forward and 2x faster forward+backward
-    for ViT-B/16 shapes (B=8, T=197, 12x64) on a 2-core Xeon. Logits and softmax are float32 for any input dtype.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _softmax_attention(q, k, v, causal: bool):
+    """softmax(q k^T) v over (G, T, H) operands (q pre-scaled); G = batch x heads. Float32 logits and softmax."""
+    return _softmax_attention_fwd(q, k, v, causal)[0]
+
+
+def _softmax_attention_fwd(q, k, v, causal):
+    # Normalise the (G, T, H) output instead of the (G, T, S) probabilities, and keep the unnormalised
+    # exponentials e for the backward pass: fewer passes over the T x S matrix, the part XLA:CPU is slow at.
+    logits = _batched_matmul(q, k, 2, 2)
+    if causal:
+        t, s = logits.shape[1:]
+        logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, -jnp.inf)
+    e = jnp.exp(logits - logits.max(-1, keepdims=True))
+    inv_sum = 1.0 / e.sum(-1, keepdims=True)
+    out = (_batched_matmul(e.astype(v.dtype), v, 2, 1) * inv_sum).astype(v.dtype)
+    return out, (q, k, v, e, inv_sum, out)
+
+
+def _softmax_attention_bwd(causal, residuals, d_out):
+    # With p = e / l: dv = p^T do, dp = do v^T, ds = p * (dp - rowsum(do * out)) (rowsum(dp * p) = rowsum(do * out),
+    # a sum over H instead of S). Everything below carries the 1/l factor on the (G, T, H) side.
+    del causal  # masked logits have e = 0, so their gradients are already zero
+    q, k, v, e, inv_sum, out = residuals
+    d_out = d_out.astype(jnp.float32)
+    row_dot = jnp.sum(d_out * out.astype(jnp.float32), -1, keepdims=True) * inv_sum
+    d_scaled = (d_out * inv_sum).astype(v.dtype)
+    dv = _batched_matmul(e.astype(v.dtype), d_scaled, 1, 1)
+    d_logits = (e * (_batched_matmul(d_scaled, v, 2, 2) - row_dot)).astype(q.dtype)
+    dq = _batched_matmul(d_logits, k, 2, 1)
+    dk = _batched_matmul(d_logits, q, 1, 1)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def _heads_major_attention(q, k, v, *, causal: bool):
+    """Softmax attention as batched matmuls over (batch*heads): (B, T, N, H) -> (B, T, N, H).
+
+    Same math as `jax.nn.dot_product_attention(implementation="xla")`, with the heads moved next to the batch
+    first, which XLA:CPU runs as plain batched GEMMs (measured 4x faster forward and 2x faster forward+backward for
+    ViT-B/16 shapes, B=8, T=197, 12x64, on a 2-core Xeon), and a hand-written backward pass (`_softmax_attention`:
+    forward+backward 87 -> 74 ms per layer at those shapes on a 2-core AMD EPYC). Logits and softmax are float32
+    for any input dtype.
     """
     b, t, n, h = q.shape
-    s = k.shape[1]
+    q = q * jnp.asarray(h**-0.5, q.dtype)
     q, k, v = (x.transpose(0, 2, 1, 3).reshape(b * n, -1, h) for x in (q, k, v))
-    logits = jax.lax.dot_general(q, k, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-    logits = logits * (h**-0.5)
-    if causal:
-        logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jax.lax.dot_general(probs, v, (((2,), (1,)), ((0,), (0,))))
+    out = _softmax_attention(q, k, v, causal)
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
 
 
@@ -142,7 +187,9 @@ class Attention(nnx.Module):
         """(B, N, D) -> q, k, v, each (B, N, heads, head_dim)."""
         b, n, d = h.shape
         qkv = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads)
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # split, not indexing: its gradient is one concatenate (indexing's is three pads and their sum)
+        q, k, v = jnp.split(qkv, 3, axis=2)
+        return q[:, :, 0], k[:, :, 0], v[:, :, 0]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
         o = _dot_product_attention(q, k, v, causal=causal, impl=self.impl)

@@ -11,6 +11,7 @@ from flax import nnx, traverse_util
 
 from harmoclip_jax.models.backbone import Backbone
 from harmoclip_jax.models.normalization import normalize_pixels
+from harmoclip_jax.ops.resize import resize_from_canvas
 from harmoclip_jax.sharding import path_str
 
 
@@ -74,11 +75,15 @@ class ModelGlue:
     def init_params(self, seed: int) -> Any:
         return params_of(self.backbone.model_class(self.config, rngs=nnx.Rngs(seed)))
 
-    def model_images(self, images: jax.Array) -> jax.Array:
+    def model_images(self, images: jax.Array, image_hw: jax.Array | None = None) -> jax.Array:
         """A batch's images as the model takes them: uint8 pixels (`config.data.image_dtype="uint8"`) normalised
-        here, on the device, with the family's mean/std; float images arrive normalised by the host pipeline."""
+        here, on the device, with the family's mean/std; float images arrive normalised by the host pipeline.
+        With `image_hw` the uint8 images are pictures on a canvas (`config.data.resize_canvas`), squashed to the
+        model's input size here first."""
         if images.dtype != jnp.uint8:
             return images
+        if image_hw is not None:
+            images = resize_from_canvas(images, image_hw, self.config.vision.image_size)
         return normalize_pixels(images, self.backbone.image_mean, self.backbone.image_std)
 
     @property
