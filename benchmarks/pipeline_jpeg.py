@@ -22,9 +22,11 @@ Cases (one JSON object each, the format of benchmarks/RESULTS.md plus `target_pe
   - `train_iterator` with N grain worker processes (default N=2): the same; per core as below.
   - `train_iterator_uint8`, 0 and N workers: the same iterator with `config.data.image_dtype="uint8"` (raw pixels,
     normalised on the device: what the COCO configs use); skip with --no_uint8.
-  - `train_iterator_resize_canvas`, 0 and N workers: uint8 with `config.data.resize_canvas` (--resize_canvas, default
-    2S = 448): the draft-decoded picture (320x240 here) leaves on a zero canvas with its size and the train step squashes
-    it on the device (`ops/resize.py`, PIL's bicubic to 1 level); the host skips the resize. Skip with --no_uint8.
+  - `train_iterator_resize_canvas`, 0 and N workers: uint8 with `config.data.resize_canvas`: the draft-decoded
+    picture (320x240 here) leaves on a zero canvas with its size and the train step squashes it on the device
+    (`ops/resize.py`, PIL's bicubic to 1 level); the host skips the resize. --resize_canvas defaults to the smallest
+    square holding the drafted pictures (320 here): each canvas is zero-filled and batched, so a larger one costs
+    host time (448 measured ~10 % fewer images/s). Skip with --no_uint8.
   - `pipeline_profile`: CPU milliseconds per image of each stage of the training transform, measured in a
     stand-alone replica that calls the pipeline's own pieces (`_profile`), plus the whole `TrainTransform` and
     alternatives (uint8 images, uint8 stacking, uncached tokenization, bilinear resize).
@@ -41,7 +43,7 @@ warm-up batches that also fill the prefetch buffers (no window consumes work don
 Findings (benchmarks/RESULTS.md has the tables). 2-core AMD EPYC Zen 3, idle, 2026-11-30, images per CPU-second
 on one core: plain PIL 143; ours 176 with float32 batches, 209 with uint8 batches (normalised on the device) and
 278 with uint8 + `resize_canvas=448` (the bicubic squash on the device): the 210 target is met only with the
-resize off the host. Profile, CPU ms per image: decode (draft) 2.22, resize 1.15, float32 normalise 0.97, record
+resize off the host, and only in the machine's faster state (four runs: 203-278, 1.9-2.3x plain PIL). Profile, CPU ms per image: decode (draft) 2.22, resize 1.15, float32 normalise 0.97, record
 read 0.57, boxes/regions 0.26, tokenize (warm cache) 0.06, stacking 0.13. Decode is what remains on the host;
 past it, decoding on the accelerator (nvJPEG) or a dataset prepared pre-shrunk.
 
@@ -175,6 +177,18 @@ def _draft(data: bytes, size: int) -> np.ndarray:
     return np.asarray(picture.convert("RGB").resize((size, size), Image.BICUBIC))
 
 
+def _drafted_canvas(images: list[bytes], size: int) -> int:
+    """The smallest square canvas that holds every picture after PIL's JPEG draft for `size` (320 for 640x480)."""
+    from PIL import Image
+
+    sides = []
+    for data in images:
+        picture = Image.open(io.BytesIO(data))
+        picture.draft("RGB", (size, size))
+        sides.append(max(picture.size))
+    return max(max(sides), size)
+
+
 def _cycle(items):
     position = 0
 
@@ -300,7 +314,7 @@ def main() -> None:
                         help="skip the cases with uint8 host images (config.data.image_dtype='uint8')")
     parser.add_argument("--resize_canvas", type=int, default=None,
                         help="canvas of the train_iterator_resize_canvas cases (config.data.resize_canvas; "
-                             "default 2 x --image_size, which holds 640x480 JPEGs drafted to 320x240 at 224)")
+                             "default: the smallest that holds the JPEG-drafted pictures, 320 for 640x480 at 224)")
     parser.add_argument("--core", type=int, default=None, help="core to pin to (default: the last allowed one)")
     args = parser.parse_args()
 
@@ -339,7 +353,7 @@ def main() -> None:
     runs = [(workers, "train_iterator", "float32", 0) for workers in args.workers]
     if not args.no_uint8:
         runs += [(workers, "train_iterator_uint8", "uint8", 0) for workers in args.workers]
-        canvas = args.resize_canvas or 2 * args.image_size
+        canvas = args.resize_canvas or _drafted_canvas(images, s)
         runs += [(workers, "train_iterator_resize_canvas", "uint8", canvas) for workers in args.workers]
     for workers, path, dtype, canvas in runs:
         config.num_workers = workers

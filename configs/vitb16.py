@@ -35,8 +35,9 @@ def coco_protocol(arg, variant, res, params_dir, batch_size, max_boxes):
     c.data.eval_max_regions = 100
     c.data.num_workers = 4
     c.data.image_dtype = "uint8"  # raw pixels to the device, normalised there: 4x less host work and transfer
-    # On hosts short of CPU for the accelerator's rate, --config.data.resize_canvas=640 (any COCO image fits after
-    # the JPEG draft) also moves the bicubic squash to the device (benchmarks/RESULTS.md, pipeline_jpeg).
+    # On hosts short of CPU for the accelerator's rate, --config.data.resize_canvas=C also moves the bicubic squash
+    # to the device (benchmarks/RESULTS.md, pipeline_jpeg): C = 640 holds any COCO image after the JPEG draft, 320
+    # the 640x480 ones (a smaller canvas is cheaper on the host; larger pictures are squashed there).
     c.batch_size = batch_size
     c.eval_batch_size = 200
     c.total_steps = arg.epochs * COCO_TRAIN_IMAGES // batch_size

@@ -69,7 +69,7 @@ def test_pipeline_jpeg_benchmark_reports_per_core_rates_and_a_profile(tmp_path):
     assert by_case["pipeline_jpeg", "train_iterator_uint8", 0]["case"]["image_dtype"] == "uint8"
     assert by_case["pipeline_jpeg", "train_iterator_uint8", 0]["case"]["resize_canvas"] == 0
     canvas = by_case["pipeline_jpeg", "train_iterator_resize_canvas", 1]["case"]
-    assert canvas["image_dtype"] == "uint8" and canvas["resize_canvas"] == 64  # default: 2 x the 32 px input
+    assert canvas["image_dtype"] == "uint8" and canvas["resize_canvas"] == 64  # 64x48 JPEGs: no draft at 32 px
     for line in lines:
         assert line["reference"] > 0 and line["case"]["jpeg"] == "64x48 q90" and line["case"]["num_images"] == 8
     for key, line in by_case.items():

@@ -243,29 +243,30 @@ def test_uint8_host_images_normalised_on_the_device_give_the_same_step_and_embed
 
 
 def test_canvas_images_are_resized_in_the_step():
-    """config.data.resize_canvas: the step squashes (canvas, image_hw) batches itself (`ops/resize.py`) and its
-    numbers equal those of the host sending the same squash as S x S uint8 images; `image_hw` is a device key."""
+    """config.data.resize_canvas: the step squashes (canvas, image_hw) batches itself (`ops/resize.py`): its numbers
+    equal those of the same squash done beforehand and sent at scale 1 (height, width = S: the identity);
+    `image_hw` is a device key."""
     import jax.numpy as jnp
 
     from harmoclip_jax.ops.resize import resize_from_canvas
 
     mesh = _mesh(2, 1)
     config = tiny_config()
-    config.data.image_dtype = "uint8"
     raw = synthetic_batch(0)
     b, s = raw["image"].shape[:2]
+    config.data.image_dtype, config.data.resize_canvas = "uint8", 2 * s
     rng = np.random.default_rng(3)
     canvas = np.zeros((b, 2 * s, 2 * s, 3), np.uint8)
     hw = np.stack([rng.integers(s // 2, 2 * s + 1, b), rng.integers(s // 2, 2 * s + 1, b)], 1).astype(np.int32)
     for i, (h, w) in enumerate(hw):
         canvas[i, :h, :w] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    squashed = np.asarray(resize_from_canvas(jnp.asarray(canvas), jnp.asarray(hw), s)).astype(np.uint8)
+    squashed = np.zeros_like(canvas)
+    squashed[:, :s, :s] = np.asarray(resize_from_canvas(jnp.asarray(canvas), jnp.asarray(hw), s)).astype(np.uint8)
+    trainer = train.build_trainer(config, mesh)
+    assert "image_hw" in train.device_batch_keys(trainer, cache_active=False)
     results = []
-    for resize_canvas, batch in ((0, dict(raw, image=squashed)), (2 * s, dict(raw, image=canvas, image_hw=hw))):
-        config.data.resize_canvas = resize_canvas
-        trainer = train.build_trainer(config, mesh)
-        assert ("image_hw" in train.device_batch_keys(trainer, cache_active=False)) == bool(resize_canvas)
-        with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh):
+        for batch in (dict(raw, image=canvas, image_hw=hw), dict(raw, image=squashed, image_hw=np.full_like(hw, s))):
             _, metrics = trainer.train_step(trainer.init_state(), sharding.put_batch(batch, mesh), {})
-        results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-6)
+            results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
