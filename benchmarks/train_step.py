@@ -61,7 +61,7 @@ def _time(fn, steps):
 
 
 def ours(args, batch):
-    """Seconds per step of our jitted train step (best of --steps after a warm-up), XLA's flops per step, the
+    """Seconds per step of our jitted train step (mean of --steps after a warm-up), XLA's flops per step, the
     seconds of RoIAlign + region losses alone, and the device's peak memory (None where not reported)."""
     step, flops, region_step, memory = build_ours(args, batch)
     seconds = _time(step, args.steps)

@@ -111,7 +111,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     # 0: training images are squashed to S x S on the host. C > 0 (with image_dtype "uint8"): they leave as the
     # JPEG-draft-decoded picture on a C x C canvas plus `image_hw`, and the train step squashes them on the device
     # (`ops/resize.py`, PIL's bicubic; the host's most expensive step after the decode). C must hold the drafted
-    # pictures (larger ones are squashed on the host): 2S for 4:3 COCO-size JPEGs, 640 for any COCO image.
+    # pictures (larger ones are squashed on the host; a larger canvas costs host time to fill and batch): 320 for
+    # 640x480 JPEGs at S = 224 (drafted to 320x240), 640 for any COCO image.
     config.resize_canvas = 0
     config.max_regions = 8  # T: regions per training image (random subset, padded with box_mask)
     # Token-level LRC (`config_lib.data_config` sets it from config.loss.lrc_text / lrc_token_source): "" no spans,
