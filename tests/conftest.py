@@ -25,6 +25,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="harmoclip-tests-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The suite is compile-bound (tiny models, many programs): XLA's backend optimisations (LLVM) double a compile (the
+# tiny train step: 35 s instead of 17 here) to speed up runs that take milliseconds. Subprocess runs inherit this; the
+# tests of pinned float bits opt back in (test_losses.py, `default_compiles`).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -75,3 +79,16 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+# Files by their measured CPU time, heaviest first; xdist (`--dist loadfile --no-loadscope-reorder`) hands them out in
+# this order, so the two workers do not finish one long file after the other is idle. Unlisted files follow.
+_HEAVIEST_FIRST = ("test_train_step.py", "test_resume.py", "test_siglip.py", "test_multiprocess.py", "test_eva02.py",
+                   "test_train_e2e.py", "test_losses.py", "test_models.py", "test_tradeoff.py", "test_inference.py",
+                   "test_benchmarks.py", "test_readme.py", "test_convert.py", "test_lexeme_vocab.py",
+                   "test_notebooks.py", "test_accelerator_suite.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order

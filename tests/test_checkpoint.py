@@ -87,3 +87,26 @@ def test_convert_cli_usage_errors(tmp_path):
     assert run.returncode == 2 and "exactly one of --hf, --open_clip, --params" in run.stderr
     run = _cli("--open_clip", str(tmp_path / "x.pt"), "--out", str(tmp_path / "y"))
     assert run.returncode == 2 and "--variant" in run.stderr
+
+
+def test_saving_replicated_arrays_on_cpu_devices_compiles_nothing(tmp_path, caplog):
+    """Orbax's replica-parallel save (its default off GPUs) cuts each replica's share of a replicated array with a
+    compiled slice per replica and shape; on CPU devices, which share one memory, the checkpointer turns it off.
+    The state restores onto the mesh unchanged."""
+    import logging
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    replicated = NamedSharding(mesh, P())
+    state = {"w": jax.device_put(np.arange(24.0, dtype=np.float32).reshape(8, 3), replicated),
+             "b": jax.device_put(np.ones(16, np.int32), replicated)}
+    ckpt = checkpoint.TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
+        ckpt.save(1, state)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiles == []
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    restored = ckpt.restore(1, abstract)
+    ckpt.close()
+    for key in state:
+        assert restored[key].sharding == replicated
+        np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(state[key]))

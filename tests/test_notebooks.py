@@ -18,12 +18,11 @@ def _execute(name: str, parameters: dict, monkeypatch) -> nbformat.NotebookNode:
     injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in parameters.items()))
     injected.metadata["tags"] = ["injected-parameters"]
     notebook.cells.insert(index + 1, injected)
-    # The kernel inherits this environment: one CPU device and quick compiles (tiny models).
+    # The kernel inherits this environment: one CPU device and quick compiles (tiny models; conftest.py).
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                      if "xla_force_host_platform_device_count" not in f)
     monkeypatch.setenv("XLA_FLAGS", flags)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     client = NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(COLABS)}})

@@ -227,37 +227,33 @@ def test_train_step_with_token_lrc(source, frozen, tmp_path):
     from harmoclip_jax import sharding, train
     from trainer_helpers import tiny_config
 
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        config = tiny_config(weight_decay=0.0, warmup_steps=0)
-        config.loss.lrc_text, config.loss.lrc_token_source = "tokens", source
-        config.loss.weights.update(gc=0.0, gr=0.0)
-        config.optim.freeze_text_tower = frozen
-        mesh = sharding.make_mesh([("data", 2), ("fsdp", 1)], devices=jax.devices()[:2])
-        trainer = train.build_trainer(config, mesh)
-        token_key = "region_text" if source == "region_caption" else "text"
-        assert f"{token_key}_token_embed" in trainer.needed and "lexeme_embed" not in trainer.needed
-        assert trainer.text_frozen == frozen
-        batch = _token_batch(source)
-        with jax.set_mesh(mesh):
-            state = trainer.init_state()
-            cache = train.make_text_cache(trainer, state["params"], tmp_path, "synthetic")
-            assert (cache is not None) == frozen
-            keys = train.device_batch_keys(trainer, cache is not None)
-            assert {"lexeme_span", token_key, "lexeme_id", "box_mask"} <= set(keys)
-            before = sharding.to_host(state["params"])
-            host = train.prepare_batch(batch, keys, cache, config.region)
-            state, metrics = trainer.train_step(state, sharding.put_batch(host, mesh), {})
-            after = sharding.to_host(state["params"])
-        assert set(k for k in metrics if k.startswith("loss/")) == {"loss/lrc"}
-        assert np.isfinite(float(metrics["loss/lrc"])) and float(metrics["loss/lrc"]) > 0
-        real = batch["box_mask"].sum()
-        np.testing.assert_allclose(float(metrics["lrc/span_found"]), (real - 1) / real, rtol=1e-6)
-        moved = np.abs(after["text"]["transformer"]["blocks"][0]["attn"]["qkv"]["kernel"]
-                       - before["text"]["transformer"]["blocks"][0]["attn"]["qkv"]["kernel"]).max()
-        assert (moved > 0) != frozen
-    finally:
-        jax.config.update("jax_disable_most_optimizations", False)
+    config = tiny_config(weight_decay=0.0, warmup_steps=0)
+    config.loss.lrc_text, config.loss.lrc_token_source = "tokens", source
+    config.loss.weights.update(gc=0.0, gr=0.0)
+    config.optim.freeze_text_tower = frozen
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 1)], devices=jax.devices()[:2])
+    trainer = train.build_trainer(config, mesh)
+    token_key = "region_text" if source == "region_caption" else "text"
+    assert f"{token_key}_token_embed" in trainer.needed and "lexeme_embed" not in trainer.needed
+    assert trainer.text_frozen == frozen
+    batch = _token_batch(source)
+    with jax.set_mesh(mesh):
+        state = trainer.init_state()
+        cache = train.make_text_cache(trainer, state["params"], tmp_path, "synthetic")
+        assert (cache is not None) == frozen
+        keys = train.device_batch_keys(trainer, cache is not None)
+        assert {"lexeme_span", token_key, "lexeme_id", "box_mask"} <= set(keys)
+        before = sharding.to_host(state["params"])
+        host = train.prepare_batch(batch, keys, cache, config.region)
+        state, metrics = trainer.train_step(state, sharding.put_batch(host, mesh), {})
+        after = sharding.to_host(state["params"])
+    assert set(k for k in metrics if k.startswith("loss/")) == {"loss/lrc"}
+    assert np.isfinite(float(metrics["loss/lrc"])) and float(metrics["loss/lrc"]) > 0
+    real = batch["box_mask"].sum()
+    np.testing.assert_allclose(float(metrics["lrc/span_found"]), (real - 1) / real, rtol=1e-6)
+    moved = np.abs(after["text"]["transformer"]["blocks"][0]["attn"]["qkv"]["kernel"]
+                   - before["text"]["transformer"]["blocks"][0]["attn"]["qkv"]["kernel"]).max()
+    assert (moved > 0) != frozen
 
 
 def test_config_validation_of_token_lrc(monkeypatch):

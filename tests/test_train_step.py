@@ -9,15 +9,6 @@ from trainer_helpers import synthetic_batch, tiny_config
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """These tests are compile-bound; XLA's optimisation passes cost more than they save at this size."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _mesh(data, fsdp):
     return sharding.make_mesh([("data", data), ("fsdp", fsdp)], devices=jax.devices()[: data * fsdp])
 
