@@ -1,15 +1,18 @@
-"""Two local processes (jax.distributed on CPU, gloo collectives) give the same loss as one process."""
-import json
+"""The README's multi-host launch, two local processes (jax.distributed on CPU, gloo collectives): it trains and
+evaluates like one process, and a run resumes across a change of process count."""
 import pathlib
+import shutil
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from trainer_helpers import subprocess_env
+from trainer_helpers import ROOT, losses_by_step, main_command, subprocess_env
 
 HERE = pathlib.Path(__file__).parent
+# The smoke demo (4 steps, a checkpoint every 2, its evaluation at step 4), saving synchronously: a run killed after
+# step 2 has written checkpoint 2.
+RUN = ("--config.checkpoint.async_save=False",)
 
 
 def _free_port():
@@ -18,106 +21,77 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _env(devices_per_process):
-    return subprocess_env(devices_per_process)
-
-
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def _launch(workdir, num_processes, *overrides, killed=False):
+    """`python -m harmoclip_jax.main` in `num_processes` processes launched as the README says
+    (`JAX_COORDINATOR_ADDRESS=... JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`), 4 fake CPU devices in all (the same global
+    batch and mesh); returns process 0's stdout. `killed`: the run dies like `kill -9` (`debug.kill_at_step`)."""
     port = _free_port()
-    outs = [tmp_path / "multi" / f"p{i}.json" for i in range(2)]
-    outs[0].parent.mkdir()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multiprocess_worker.py"), str(port), "2", str(i),
-                               str(outs[i])], env=_env(2), cwd=HERE.parent, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    single_out = tmp_path / "single" / "p0.json"
-    single_out.parent.mkdir()
-    logs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    single = subprocess.run([sys.executable, str(HERE / "multiprocess_worker.py"), "0", "1", "0", str(single_out)],
-                            env=_env(4), cwd=HERE.parent, capture_output=True, text=True, timeout=400)
-    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-4000:]
-    multi, one = json.loads(outs[0].read_text()), json.loads(single_out.read_text())
-    assert multi["processes"] == 2 and multi["devices"] == 4 and one["processes"] == 1 and one["devices"] == 4
-    np.testing.assert_allclose(multi["losses"], one["losses"], rtol=1e-5)
-    np.testing.assert_allclose(multi["checksum"], one["checksum"], rtol=1e-5)
-    # Evaluation across processes sees every eval record exactly once.
-    assert multi["final"]["eval/retrieval/num_images"] == 72
-    assert multi["final"]["eval/boxcls/num_boxes"] == one["final"]["eval/boxcls/num_boxes"]
+    procs = []
+    for i in range(num_processes):
+        env = subprocess_env(4 // num_processes)
+        if num_processes > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+                       JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen(main_command(workdir, *RUN, *overrides, arg="smoke"), env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode in ((-9,) if killed else (0,)), out[-2000:] + err[-4000:]
+        assert "Traceback" not in err, err[-4000:]
+    assert f"on 4 cpu device(s), {num_processes} process(es)" in outputs[0][0], outputs[0][0]
+    return outputs[0][0]
 
 
-def _run(workdir, num_processes, kill_at=-1, num_workers=0):
-    """`resume_worker.py` in `num_processes` processes with 4 devices in all (the same global batch and mesh size);
-    returns their return codes."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "resume_worker.py"), str(port), str(num_processes), str(i),
-                               str(workdir), str(kill_at), str(num_workers)], env=_env(4 // num_processes),
-                              cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(num_processes)]
-    logs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode in ((0,) if kill_at < 0 else (0, -9)), log[-4000:]
-    return logs
-
-
-def _losses(workdir):
+def _evals(workdir):
     from harmoclip_jax.metrics_writer import read_metrics
 
-    return {r["step"]: r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r}
+    return [r for r in read_metrics(workdir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
+
+
+def _params_checksum(workdir):
+    import jax
+
+    from harmoclip_jax import checkpoint
+    from harmoclip_jax.models import glue
+
+    params = glue.params_of(checkpoint.load_params(workdir / "params"))
+    return float(sum(np.abs(np.asarray(x)).astype(np.float64).sum() for x in jax.tree.leaves(params)))
 
 
 @pytest.mark.slow
-def test_resume_with_another_process_count_continues_the_same_data(tmp_path):
-    import shutil
-
-    reference = tmp_path / "reference"  # 1 process, uninterrupted; checkpoints at steps 2 and 4
-    _run(reference, 1)
-    expected = _losses(reference)
+def test_readme_multi_host_launch_trains_evaluates_and_resumes_across_process_counts(tmp_path):
+    readme = (HERE.parent / "README.md").read_text()
+    assert "JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i" in readme
+    reference = tmp_path / "reference"  # 1 process, uninterrupted: checkpoints at steps 2 and 4, evaluated at 4
+    _launch(reference, 1)
+    expected = losses_by_step(reference)
     assert sorted(expected) == [1, 2, 3, 4]
-    # 2 processes write step 2, then 1 process (with a grain data worker) resumes to step 4.
+    [reference_eval] = _evals(reference)
+
+    # 2 processes write step 2 and die; 1 process with a grain data worker resumes to step 4.
     two_to_one = tmp_path / "two_to_one"
-    _run(two_to_one, 2, kill_at=2)
-    assert max(_losses(two_to_one)) == 2
+    _launch(two_to_one, 2, "--config.debug.kill_at_step=2", killed=True)
+    assert max(losses_by_step(two_to_one)) == 2
     assert (two_to_one / "checkpoints/2/data_position").is_dir()
     assert not (two_to_one / "checkpoints/2/data_iter").exists()  # no per-process iterator files
-    logs = _run(two_to_one, 1, num_workers=1)
-    assert "resumed" in logs[0] and "at step 2" in logs[0]
-    # 1 process wrote step 2 (the reference's checkpoint), 2 processes resume to step 4.
+    out = _launch(two_to_one, 1, "--config.data.num_workers=1")
+    assert "resumed" in out and "at step 2" in out
+
+    # 1 process wrote step 2 (the reference's checkpoint); 2 processes resume to step 4, evaluate and export.
     one_to_two = tmp_path / "one_to_two"
     shutil.copytree(reference, one_to_two)
     shutil.rmtree(one_to_two / "checkpoints/4")
-    logs = _run(one_to_two, 2)
-    assert "resumed" in logs[0] and "at step 2" in logs[0]
+    shutil.rmtree(one_to_two / "params")
+    out = _launch(one_to_two, 2)
+    assert "resumed" in out and "at step 2" in out
+    assert (one_to_two / "params" / "model.json").exists()
+
     for workdir in (two_to_one, one_to_two):
-        got = _losses(workdir)
+        got = losses_by_step(workdir)
         assert sorted(got) == [1, 2, 3, 4]
         np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_readme_multi_host_launch(tmp_path):
-    """README's multi-host launch, as written: `JAX_COORDINATOR_ADDRESS=... JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i
-    python -m harmoclip_jax.main --config=configs/demo.py:smoke,noeval ...`, two local processes with 2 fake CPU
-    devices each. Both exit 0, the run spans 4 devices in 2 processes, and it finishes (last step's metrics and the
-    params export written)."""
-    readme = (HERE.parent / "README.md").read_text()
-    assert "JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i" in readme
-    port = _free_port()
-    workdir = tmp_path / "run"
-    procs = []
-    for i in range(2):
-        env = {**_env(2), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(i)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "harmoclip_jax.main", "--config=configs/demo.py:smoke,noeval",
-             f"--workdir={workdir}", "--config.progress_bar=False", "--config.plot=False"],
-            env=env, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, out[-2000:] + err[-4000:]
-        assert "Traceback" not in err, err[-4000:]
-    assert "on 4 cpu device(s), 2 process(es)" in outputs[0][0], outputs[0][0]
-    steps = [json.loads(line).get("step") for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert max(s for s in steps if s is not None) == 4
-    assert (workdir / "params" / "model.json").exists()
+        np.testing.assert_allclose(_params_checksum(workdir), _params_checksum(reference), rtol=1e-5)
+        # Evaluation (in 2 processes for one_to_two) sees every eval record exactly once.
+        [evaluated] = _evals(workdir)
+        assert evaluated["step"] == 4 and evaluated["eval/retrieval/num_images"] == 72
+        assert evaluated["eval/boxcls/num_boxes"] == reference_eval["eval/boxcls/num_boxes"] > 0

@@ -10,7 +10,7 @@ EVA02_CLIP_B_psz16_s8B.pt (variant EVA02-test-tiny) and a tiny SiglipModel at ~/
 commands (the baseline is the demo with another method; the COCO protocol needs COCO and converted weights), the
 prepare commands (COCO/Flickr30k files: their builders run on hand-made files in test_real_datasets), the trade-off
 study (test_tradeoff runs it at smoke size) and the test command (CI runs it). The multi-host launch is run by
-test_multiprocess.test_readme_multi_host_launch; README command 1's runtime-only install by .ci/run.
+test_multiprocess (with a resume across process counts); README command 1's runtime-only install by .ci/run.
 """
 import json
 import pathlib

@@ -112,10 +112,10 @@ def test_second_run_on_a_live_workdir_is_refused_naming_the_holder_and_kill_9_fr
     holder = subprocess.Popen(main_command(workdir, "--config.total_steps=100000", "--config.checkpoint.every=100000",
                                    "--config.log_every=1"),
                               cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
-            time.sleep(0.3)
+    try:  # the holder takes the lock before it compiles: the second run is refused while the first compiles
+        deadline, lock = time.time() + 180, workdir / ".lock"
+        while time.time() < deadline and not (lock.exists() and f"pid={holder.pid}" in lock.read_text()):
+            time.sleep(0.1)
         assert holder.poll() is None
         second = run_main(workdir, "--config.total_steps=2", check=False, timeout=120)
         assert second.returncode == 1
@@ -171,6 +171,23 @@ def test_disk_full_during_a_save_is_one_error_line_and_the_last_good_checkpoint_
     assert steps == ["2"], steps
     run_main(workdir, *BASE)  # rerun: resumes from 2 and finishes exactly like the uninterrupted run
     assert losses_by_step(workdir) == losses_by_step(base)
+
+
+def test_kill_9_then_rerun_resumes_with_identical_losses(base, tmp_path):
+    """Killed after step 3 (checkpoints every 2): the rerun resumes from step 2 and gives the uninterrupted run's
+    numbers, bitwise (same batches, same rng, same state, one device). Saves are synchronous here, so checkpoint 2
+    is complete; kills inside an async save: `test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run`."""
+    workdir = tmp_path / "killed"
+    sync = "--config.checkpoint.async_save=False"
+    proc = run_main(workdir, *BASE, sync, "--config.debug.kill_at_step=3", check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert max(losses_by_step(workdir)) == 3
+    resumed = run_main(workdir, *BASE, sync)
+    assert "resumed" in resumed.stdout and "at step 2" in resumed.stdout
+    expected, got = losses_by_step(base), losses_by_step(workdir)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert got[step] == expected[step], (step, got[step], expected[step])
 
 
 @pytest.mark.parametrize("to_group", [True, False], ids=["terminal", "trainer_only"])
