@@ -85,13 +85,18 @@ def test_train_step_classifies_regions_against_the_vocabulary(tmp_path, frozen_t
                                                                       for i in range(batch["lexeme_id"].size)])
         _, metrics = trainer.train_step(jax.tree.map(lambda x: x.copy(), state), sharding.put_batch(host, mesh),
                                         consts)
-        # The same term from the losses module on the model's own outputs.
-        model = trainer.glue.merge(state["params"])
-        region = region_embeddings(model.encode_dense(host["image"]), host["boxes"], stride=trainer.glue.patch_size,
-                                   output_size=config.region.output_size, sampling_ratio=config.region.sampling_ratio)
-        vocab_embed = model.encode_text(train.make_consts(trainer, None, [], vocab)["lexeme_vocab_tokens"])
-        want = losses.lexeme_vocab_contrastive_loss(region, vocab_embed, host["box_mask"], host["lexeme_id"],
-                                                    model.logit_scale[...])
+        # The same term from the losses module on the model's own outputs (one jitted program: op by op, its ~250
+        # primitives would each compile).
+        @jax.jit
+        def reference_lrc(params, host, vocab_tokens):
+            model = trainer.glue.merge(params)
+            region = region_embeddings(model.encode_dense(host["image"]), host["boxes"],
+                                       stride=trainer.glue.patch_size, output_size=config.region.output_size,
+                                       sampling_ratio=config.region.sampling_ratio)
+            return losses.lexeme_vocab_contrastive_loss(region, model.encode_text(vocab_tokens), host["box_mask"],
+                                                        host["lexeme_id"], model.logit_scale[...])
+
+        want = reference_lrc(state["params"], host, train.make_consts(trainer, None, [], vocab)["lexeme_vocab_tokens"])
         np.testing.assert_allclose(float(metrics["loss/lrc"]), float(want), rtol=2e-4)
         # Regions whose lexeme is not in the vocabulary drop out of the term.
         batch["lexeme_id"][:] = lexeme_id("not in the vocabulary")
