@@ -94,20 +94,28 @@ def test_remat_gives_same_gradients(rng):
 def test_dense_modes_and_one_pass_global(rng):
     images = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
     model = siglip.SigLIP("SigLIP-test-tiny")
-    glob, dense = model.encode_dense(images, return_global=True)
-    np.testing.assert_allclose(glob, model.encode_image(images), atol=1e-6)
-    np.testing.assert_allclose(dense, model.encode_dense(images), atol=1e-6)
+    # Each path its own jitted program (op by op, every primitive would compile on its own).
+    glob, dense = nnx.jit(lambda m, x: m.encode_dense(x, return_global=True))(model, images)
+    np.testing.assert_allclose(glob, nnx.jit(lambda m, x: m.encode_image(x))(model, images), atol=1e-6)
+    encode_dense = nnx.jit(lambda m, x: m.encode_dense(x))
+    np.testing.assert_allclose(dense, encode_dense(model, images), atol=1e-6)
     # map_value: a patch token through the head's value/output projections, then its LN + MLP residual.
-    head, tokens = model.visual.head, model.visual.tokens(images)
-    o = tokens[0, 5] @ head.kv.kernel[...][:, 64:] + head.kv.bias[...][64:]
-    o = o @ head.out.kernel[...] + head.out.bias[...]
-    np.testing.assert_allclose(dense[0, 1, 1], o + head.mlp(head.ln(o)), atol=1e-5)
+    head, tokens = model.visual.head, nnx.jit(lambda m, x: m.visual.tokens(x))(model, images)
+
+    @nnx.jit
+    def map_value(head, token):
+        o = token @ head.kv.kernel[...][:, 64:] + head.kv.bias[...][64:]
+        o = o @ head.out.kernel[...] + head.out.bias[...]
+        return o + head.mlp(head.ln(o))
+
+    np.testing.assert_allclose(dense[0, 1, 1], map_value(head, tokens[0, 5]), atol=1e-5)
     post_ln = siglip.SigLIP("SigLIP-test-tiny", dense_mode="post_ln")
-    np.testing.assert_allclose(post_ln.encode_dense(images)[0, 1, 1], tokens[0, 5], atol=1e-6)
+    np.testing.assert_allclose(encode_dense(post_ln, images)[0, 1, 1], tokens[0, 5], atol=1e-6)
     # Short token rows are padded with </s> to the context: same embedding as the full row.
     short = jnp.asarray([[5, 6, 7, 1]], jnp.int32)
     full = jnp.pad(short, ((0, 0), (0, 12)), constant_values=1)
-    np.testing.assert_allclose(model.encode_text(short), model.encode_text(full), atol=1e-6)
+    encode_text = nnx.jit(lambda m, t: m.encode_text(t))
+    np.testing.assert_allclose(encode_text(model, short), encode_text(model, full), atol=1e-6)
 
 
 def test_param_count_equals_transformers():
