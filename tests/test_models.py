@@ -17,6 +17,28 @@ KNOWN_COUNTS = {"ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737, "ViT-L/14": 42
                 "ViT-L/14@336": 427_944_193}
 
 
+@pytest.mark.parametrize("family,variant", [("clip", "test-tiny"), ("eva02_clip", "EVA02-test-tiny"),
+                                            ("siglip", "SigLIP-test-tiny")])
+def test_abstract_model_is_the_built_model_without_its_arrays(family, variant):
+    """`glue.abstract_model` traces the constructor with NumPy draw counters (cheap); what comes out is the built
+    model's graph, each array a ShapeDtypeStruct of the built array's shape and dtype."""
+    from harmoclip_jax import config_lib
+    from harmoclip_jax.models import glue, registry
+
+    backbone = registry.get(family)
+    c = config_lib.base_config()
+    c.model.family, c.model.variant = family, variant
+    config = backbone.config_for(c.model)
+    abstract_graph, abstract_state = nnx.split(glue.abstract_model(backbone, config))
+    built_graph, built_state = nnx.split(backbone.model_class(config, rngs=nnx.Rngs(0)))
+    assert abstract_graph == built_graph
+    abstract_leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))[0]
+    built_leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(built_state))[0]
+    assert [path for path, _ in abstract_leaves] == [path for path, _ in built_leaves]
+    for (path, a), (_, b) in zip(abstract_leaves, built_leaves):
+        assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (b.shape, b.dtype), path
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_eval_shape_every_variant(variant):
     cfg = get_config(variant)

@@ -25,8 +25,8 @@ def _shape_only_rngs() -> nnx.Rngs:
     """`nnx.Rngs(0)` with NumPy draw counters, for `abstract_model` only.
 
     Under tracing, each draw from flax's jax counter reads the new counter's `.sharding`, which on a tracer builds an
-    error message that walks the whole trace so far: quadratic in the number of parameters (2.0 s for ViT-B/16, 9 s
-    for SigLIP So400m). A NumPy counter is plain Python arithmetic (0.4 s, 1.1 s). Its draws are not the seeded ones
+    error message that walks the whole trace so far: quadratic in the number of parameters (ViT-B/16 2.1 s, SigLIP
+    So400m 7.9 s). A NumPy counter is plain Python arithmetic (0.5 s, 1.5 s). Its draws are not the seeded ones
     (flax reads the counter by reference), which is harmless here: only shapes and dtypes come out.
     """
     rngs = nnx.Rngs(0)
