@@ -1,6 +1,5 @@
 """The README's multi-host launch, two local processes (jax.distributed on CPU, gloo collectives): it trains and
 evaluates like one process, and a run resumes across a change of process count."""
-import pathlib
 import shutil
 import socket
 import subprocess
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 from trainer_helpers import ROOT, losses_by_step, main_command, subprocess_env
 
-HERE = pathlib.Path(__file__).parent
 # The smoke demo (4 steps, a checkpoint every 2, its evaluation at step 4), saving synchronously: a run killed after
 # step 2 has written checkpoint 2.
 RUN = ("--config.checkpoint.async_save=False",)
@@ -60,7 +58,7 @@ def _params_checksum(workdir):
 
 @pytest.mark.slow
 def test_readme_multi_host_launch_trains_evaluates_and_resumes_across_process_counts(tmp_path):
-    readme = (HERE.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert "JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i" in readme
     reference = tmp_path / "reference"  # 1 process, uninterrupted: checkpoints at steps 2 and 4, evaluated at 4
     _launch(reference, 1)

@@ -60,7 +60,8 @@ def synthetic_batch(seed, batch_size=16, regions=3, size=64):
 
 def subprocess_env(devices: int | None = None) -> dict:
     """Environment for a CPU subprocess run of the package: `devices` fake devices (default one), the repo on the
-    path, most XLA optimisations off (the tiny runs are compile-bound)."""
+    path; the rest is this process's environment (conftest.py turns most XLA optimisations off there: the tiny runs
+    are compile-bound)."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     if devices:
@@ -68,7 +69,6 @@ def subprocess_env(devices: int | None = None) -> dict:
     env["XLA_FLAGS"] = " ".join(flags)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     return env
 
 
