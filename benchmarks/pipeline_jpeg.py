@@ -16,6 +16,8 @@ Cases (one JSON object each, the format of benchmarks/RESULTS.md plus `target_pe
   - `pil_draft_resize`: PIL `draft` (JPEG DCT-domain downscale: 640x480 decodes at 1/2 scale, 320x240) + bicubic
     resize to 224x224, uint8; reference = plain PIL (full-resolution decode + bicubic resize to 224x224, uint8).
     Bytes are read from the dataset beforehand: decode + resize only.
+  - `decode_image_uint8`: ours = `data.images.decode_image(..., dtype="uint8")` (simplejpeg at PIL's draft scale
+    for YCbCr/gray JPEGs, the same pixels, + bicubic resize); reference = the PIL draft + resize of the line above.
   - `train_iterator` with 0 workers: ours = `pipeline.make_train_iterator` (record read, decode with draft, squash,
     float32 normalise, box checks, region subset, tokenize caption/region captions/lexemes, batch), default data
     config (224 px, T=8, batch 32, 2 read threads); same reference.
@@ -40,6 +42,9 @@ images/s; with N workers the process is unpinned and `wall_per_core` = images/s 
 receives the batches, is not counted in N but is in the CPU-second figure). Best of `--repeats` windows, after
 warm-up batches that also fill the prefetch buffers (no window consumes work done before it).
 
+The iterator cases index the images repeated over COCO train2017's 118,287 records (`--index_space`): grain's
+shuffle costs ~50 ms / records per index on small splits (0.2 ms at 256 records, 8 us at COCO's size).
+
 Findings (benchmarks/RESULTS.md has the tables). 2-core AMD EPYC Zen 3, idle, 2026-11-30, images per CPU-second
 on one core: plain PIL 143; ours 176 with float32 batches, 209 with uint8 batches (normalised on the device) and
 278 with uint8 + `resize_canvas=448` (the bicubic squash on the device): the 210 target is met only with the
@@ -54,6 +59,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import contextlib
 import dataclasses
 import io
@@ -189,6 +195,21 @@ def _drafted_canvas(images: list[bytes], size: int) -> int:
     return max(max(sides), size)
 
 
+class _Tiled(collections.abc.Sequence):
+    """The records repeated over `length` indices. grain's per-epoch shuffle (`index_shuffle`) cycle-walks a domain
+    of at least ~2^16, so its cost per index is ~50 ms / length for small datasets (256 records: 0.2 ms, a twentieth
+    of the per-image budget; COCO train2017's 118,287: 8 us): the iterator cases index a COCO-sized split."""
+
+    def __init__(self, records, length: int):
+        self.records, self.length = records, max(length, len(records))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.records[index % len(self.records)]
+
+
 def _cycle(items):
     position = 0
 
@@ -209,6 +230,7 @@ def _profile(source, config, images: list[bytes], batch_size: int) -> dict:
     thread (`time.thread_time`), warm token cache; plus the whole transform and some alternatives."""
     from PIL import Image
 
+    from harmoclip_jax.data import images as images_lib
     from harmoclip_jax.data import pipeline
     from harmoclip_jax.tokenizer import get_tokenizer
 
@@ -224,10 +246,11 @@ def _profile(source, config, images: list[bytes], batch_size: int) -> dict:
         totals[name] = totals.get(name, 0.0) + time.thread_time() - start
         return out
 
-    def decode(data):
-        picture = Image.open(io.BytesIO(data))
-        picture.draft("RGB", (s, s))
-        return picture.convert("RGB")  # forces the decode
+    def decode(data):  # the pipeline's (simplejpeg for YCbCr/gray JPEGs); PIL's `decode_pil` below
+        return Image.fromarray(images_lib.decode_drafted(data, s))
+
+    def decode_pil(data):
+        return Image.fromarray(images_lib.decode_drafted_pil(data, s))
 
     def regions(record, rng):
         boxes, captions, lexemes, _ = pipeline._regions(record)
@@ -257,6 +280,7 @@ def _profile(source, config, images: list[bytes], batch_size: int) -> dict:
             rng = np.random.default_rng(index)
             record = timed("read_record", source.__getitem__, index)
             picture = timed("decode", decode, record["image"])
+            timed("decode_pil", decode_pil, record["image"])
             timed("resize_bilinear", picture.resize, (s, s), Image.BILINEAR)
             picture = timed("resize", picture.resize, (s, s), Image.BICUBIC)
             image = timed("normalise", lambda p: (np.asarray(p, np.float32) * np.float32(1 / 255) - mean) / std,
@@ -289,9 +313,10 @@ def _profile(source, config, images: list[bytes], batch_size: int) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _line(case: dict, ours: float, reference: float, *, unit: str = "images/s per core", **extra) -> str:
+def _line(case: dict, ours: float, reference: float, *, unit: str = "images/s per core",
+          reference_name: str = REFERENCE_NAME, **extra) -> str:
     return json.dumps({"cpu": cpu_description(), "bench": "pipeline_jpeg", "case": case, "unit": unit,
-                       "ours": round(ours, 2), "reference": round(reference, 2), "reference_name": REFERENCE_NAME,
+                       "ours": round(ours, 2), "reference": round(reference, 2), "reference_name": reference_name,
                        "speedup": round(ours / reference, 3), "target_per_core": TARGET_PER_CORE,
                        "meets_target": ours >= TARGET_PER_CORE, **extra})
 
@@ -305,6 +330,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=20.0,
                         help="std of the pixel noise added before encoding (20: ~155 KB files, COCO-like)")
     parser.add_argument("--num_images", type=int, default=256)
+    parser.add_argument("--index_space", type=int, default=118_287,
+                        help="the iterator cases see the images repeated over this many records (default: COCO "
+                             "train2017's count; grain's shuffle costs ~50 ms / records per index on small splits)")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8, help="batches per timed window")
@@ -349,6 +377,13 @@ def main() -> None:
             "pinned_to_core": core}
     print(_line(dict(common, path="pil_draft_resize", **wall), draft["per_cpu_second"], plain["per_cpu_second"]),
           flush=True)
+    from harmoclip_jax.data.images import decode_image
+
+    ours = _measure(lambda f=_cycle(images): decode_image(f(), s, dtype="uint8"), 1, steps, args.repeats)
+    print(_line(dict(common, path="decode_image_uint8", wall_per_core=round(ours["wall"], 1),
+                     reference_wall_per_core=round(draft["wall"], 1), pinned_to_core=core),
+                ours["per_cpu_second"], draft["per_cpu_second"], reference_name="PIL draft + bicubic resize"),
+          flush=True)
 
     runs = [(workers, "train_iterator", "float32", 0) for workers in args.workers]
     if not args.no_uint8:
@@ -360,7 +395,8 @@ def main() -> None:
         config.image_dtype = dtype  # "uint8": raw pixels, normalised on the device (the accelerator configs' choice)
         config.resize_canvas = canvas  # > 0: the bicubic squash runs on the device (ops/resize.py)
         os.sched_setaffinity(0, {core} if workers == 0 else all_cores)
-        iterator = pipeline.make_train_iterator(config, source=source, process_index=0, process_count=1)
+        iterator = pipeline.make_train_iterator(config, source=_Tiled(source, args.index_space), process_index=0,
+                                                process_count=1)
         try:
             image_dtype = str(next(iterator)["image"].dtype)
             warmup = -(-config.read_buffer_size // b) + workers * config.worker_buffer_size
@@ -369,7 +405,7 @@ def main() -> None:
             iterator.close()
         cores = 1 if workers == 0 else workers
         case = dict(common, path=path, num_workers=workers, read_threads=config.read_threads,
-                    batch_size=b, max_regions=config.max_regions, batches=args.batches, repeats=args.repeats,
+                    index_space=len(_Tiled(source, args.index_space)), batch_size=b, max_regions=config.max_regions, batches=args.batches, repeats=args.repeats,
                     image_dtype=image_dtype, resize_canvas=canvas, wall_images_per_s=round(ours["wall"], 1),
                     wall_per_core=round(ours["wall"] / cores, 1), wall_cores=cores,
                     pinned_to_core=core if workers == 0 else None)
@@ -392,7 +428,7 @@ def main() -> None:
         "dominant_stage": max(profile["stages"], key=ms.get),
         "whole_transform_ms": round(ms["whole_transform"], 3),
         "alternatives_ms": {k: round(ms[k], 3) for k in ("to_uint8_array", "stack_batch_uint8", "tokenize_uncached",
-                                                             "resize_bilinear")},
+                                                             "resize_bilinear", "decode_pil")},
     }), flush=True)
 
 

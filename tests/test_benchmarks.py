@@ -59,7 +59,8 @@ def test_pipeline_jpeg_benchmark_reports_per_core_rates_and_a_profile(tmp_path):
                    "--num_images", "8", "--image_size", "32", "--batch_size", "4", "--batches", "2", "--repeats", "1",
                    "--workers", "0", "1")
     by_case = {(x["bench"], x["case"].get("path"), x["case"].get("num_workers")): x for x in lines}
-    assert set(by_case) == {("pipeline_jpeg", "pil_draft_resize", None), ("pipeline_jpeg", "train_iterator", 0),
+    assert set(by_case) == {("pipeline_jpeg", "pil_draft_resize", None), ("pipeline_jpeg", "decode_image_uint8", None),
+                            ("pipeline_jpeg", "train_iterator", 0),
                             ("pipeline_jpeg", "train_iterator", 1),
                             ("pipeline_jpeg", "train_iterator_uint8", 0), ("pipeline_jpeg", "train_iterator_uint8", 1),
                             ("pipeline_jpeg", "train_iterator_resize_canvas", 0),
@@ -77,6 +78,7 @@ def test_pipeline_jpeg_benchmark_reports_per_core_rates_and_a_profile(tmp_path):
             assert line["target_per_core"] == 210 and line["meets_target"] == (line["ours"] >= 210)
             assert line["case"]["wall_per_core"] > 0
     assert by_case["pipeline_jpeg", "train_iterator", 0]["case"]["pinned_to_core"] is not None
+    assert by_case["pipeline_jpeg", "train_iterator", 1]["case"]["index_space"] == 118_287  # COCO-sized shuffle
     profile = by_case["pipeline_profile", None, None]
     stages = profile["stages_ms"]
     assert set(stages) == {"read_record", "decode", "resize", "normalise", "boxes_regions", "tokenize",
@@ -84,4 +86,6 @@ def test_pipeline_jpeg_benchmark_reports_per_core_rates_and_a_profile(tmp_path):
     assert all(v >= 0 for v in stages.values()) and abs(sum(stages.values()) - profile["ours"]) < 0.01
     assert profile["dominant_stage"] == max(stages, key=stages.get)
     assert profile["whole_transform_ms"] > 0 and set(profile["alternatives_ms"]) == {
-        "to_uint8_array", "stack_batch_uint8", "tokenize_uncached", "resize_bilinear"}
+        "to_uint8_array", "stack_batch_uint8", "tokenize_uncached", "resize_bilinear", "decode_pil"}
+    decode = by_case["pipeline_jpeg", "decode_image_uint8", None]
+    assert decode["reference_name"] == "PIL draft + bicubic resize" and decode["case"]["pinned_to_core"] is not None

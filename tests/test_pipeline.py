@@ -103,6 +103,43 @@ def test_decode_image_squashes_and_normalises():
     np.testing.assert_allclose(image, np.broadcast_to(expected, (16, 16, 3)), atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [224, 64, 16])
+def test_turbo_jpeg_decode_gives_pil_drafts_pixels_bit_for_bit(size):
+    """The simplejpeg path (YCbCr and grayscale JPEGs) decodes at the DCT scale PIL's `draft` picks, to the same
+    uint8 pixels; CMYK JPEGs and other formats go through PIL. Odd sizes, progressive, 4:4:4 and 4:2:0 included."""
+    import io
+
+    from PIL import Image
+
+    from harmoclip_jax.data import images
+
+    assert images.simplejpeg is not None, "simplejpeg (requirements.txt) is not installed"
+    rng = np.random.default_rng(size)
+    cases = []
+    for width, height in [(640, 480), (500, 375), (333, 251), (1024, 200), (100, 80), (15, 9)]:
+        pixels = (rng.random((height, width, 3)) * 80 + np.linspace(0, 170, width)[None, :, None]).astype(np.uint8)
+        for mode, options, turbo in [("RGB", {}, True), ("RGB", {"progressive": True}, True), ("L", {}, True),
+                                     ("RGB", {"subsampling": 0}, True), ("CMYK", {}, False)]:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", quality=90, **options)
+            cases.append((f"{width}x{height} {mode} {options}", buffer.getvalue(), turbo))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    cases.append(("png", buffer.getvalue(), False))
+    for name, data, turbo in cases:
+        assert (images._decode_jpeg_turbo(data, size) is not None) == turbo, name
+        expected = images.decode_drafted_pil(data, size)
+        np.testing.assert_array_equal(images.decode_drafted(data, size), expected, err_msg=name)
+        np.testing.assert_array_equal(images.decode_image(data, size, dtype="uint8"),
+                                      np.asarray(Image.fromarray(expected).resize((size, size), Image.BICUBIC))
+                                      if expected.shape[:2] != (size, size) else expected, err_msg=name)
+    corrupt = b"\xff\xd8\xff\xe0 not really a jpeg"  # PIL's own error, as before simplejpeg
+    with pytest.raises(OSError) as from_pil:
+        images.decode_drafted_pil(corrupt, size)
+    with pytest.raises(OSError, match=str(from_pil.value)):
+        images.decode_drafted(corrupt, size)
+
+
 def test_lexeme_ids_are_stable_and_distinct():
     assert pipeline.lexeme_id("red circle") == pipeline.lexeme_id(b" Red  Circle ")
     assert pipeline.lexeme_id("") == -1
