@@ -5,9 +5,9 @@ it alone. `decode_to_canvas` is the same preprocessing with its last step (the b
 (`ops/resize.py`; `config.data.resize_canvas`).
 
 JPEGs in YCbCr or grayscale decode through simplejpeg (libjpeg-turbo without PIL's image objects) at the DCT scale
-PIL's `draft` picks: the same pixels, bit for bit (tests/test_pipeline.py), ~0.4 ms less per 640x480 JPEG (2.4 ->
-2.0 ms on a 2-core AMD EPYC, most of the input pipeline's budget at accelerator rate). Anything else (PNG, CMYK
-JPEGs, simplejpeg missing or refusing a file) takes PIL's path.
+PIL's `draft` picks: the same pixels, bit for bit (tests/test_pipeline.py), ~15 % less decode time per 640x480 JPEG
+(0.4-0.6 ms of ~3 on a 2-core AMD EPYC; decode is half the input pipeline's budget at accelerator rate). Anything
+else (PNG, CMYK JPEGs, simplejpeg missing or refusing a file) takes PIL's path.
 """
 from __future__ import annotations
 
