@@ -48,9 +48,12 @@ shuffle costs ~50 ms / records per index on small splits (0.2 ms at 256 records,
 Findings (benchmarks/RESULTS.md has the tables). 2-core AMD EPYC Zen 3, idle, 2026-11-30, images per CPU-second
 on one core: plain PIL 143; ours 176 with float32 batches, 209 with uint8 batches (normalised on the device) and
 278 with uint8 + `resize_canvas=448` (the bicubic squash on the device): the 210 target is met only with the
-resize off the host, and only in the machine's faster state (four runs: 203-278, 1.9-2.3x plain PIL). Profile, CPU ms per image: decode (draft) 2.22, resize 1.15, float32 normalise 0.97, record
-read 0.57, boxes/regions 0.26, tokenize (warm cache) 0.06, stacking 0.13. Decode is what remains on the host;
-past it, decoding on the accelerator (nvJPEG) or a dataset prepared pre-shrunk.
+resize off the host, and only in the machine's faster state (four runs: 203-278, 1.9-2.3x plain PIL). Profile, CPU
+ms per image: decode (draft) 2.22, resize 1.15, float32 normalise 0.97, record read 0.57, boxes/regions 0.26,
+tokenize (warm cache) 0.06, stacking 0.13. Later that day, with the simplejpeg decode (~15 % less decode time, the
+same pixels) and the COCO-sized index space, in the machine's slower state (plain PIL 84-107): 172-245 with the
+device resize over four runs, 210+ in two. Decode is what remains on the host; past it, decoding on the
+accelerator (nvJPEG) or a dataset prepared pre-shrunk.
 
 Usage:
     python benchmarks/pipeline_jpeg.py [--data_dir DIR] [--num_images 256] [--batches 8] [--repeats 3]
@@ -405,7 +408,8 @@ def main() -> None:
             iterator.close()
         cores = 1 if workers == 0 else workers
         case = dict(common, path=path, num_workers=workers, read_threads=config.read_threads,
-                    index_space=len(_Tiled(source, args.index_space)), batch_size=b, max_regions=config.max_regions, batches=args.batches, repeats=args.repeats,
+                    index_space=len(_Tiled(source, args.index_space)), batch_size=b, max_regions=config.max_regions,
+                    batches=args.batches, repeats=args.repeats,
                     image_dtype=image_dtype, resize_canvas=canvas, wall_images_per_s=round(ours["wall"], 1),
                     wall_per_core=round(ours["wall"] / cores, 1), wall_cores=cores,
                     pinned_to_core=core if workers == 0 else None)
