@@ -350,6 +350,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from harmoclip_jax.data import pipeline
+    from harmoclip_jax.data.images import decode_image
 
     cpu_description()  # cached before pinning, so every line names the machine's cores, not the pinned one
     all_cores = os.sched_getaffinity(0)
@@ -380,8 +381,6 @@ def main() -> None:
             "pinned_to_core": core}
     print(_line(dict(common, path="pil_draft_resize", **wall), draft["per_cpu_second"], plain["per_cpu_second"]),
           flush=True)
-    from harmoclip_jax.data.images import decode_image
-
     ours = _measure(lambda f=_cycle(images): decode_image(f(), s, dtype="uint8"), 1, steps, args.repeats)
     print(_line(dict(common, path="decode_image_uint8", wall_per_core=round(ours["wall"], 1),
                      reference_wall_per_core=round(draft["wall"], 1), pinned_to_core=core),
@@ -393,13 +392,13 @@ def main() -> None:
         runs += [(workers, "train_iterator_uint8", "uint8", 0) for workers in args.workers]
         canvas = args.resize_canvas or _drafted_canvas(images, s)
         runs += [(workers, "train_iterator_resize_canvas", "uint8", canvas) for workers in args.workers]
+    tiled = _Tiled(source, args.index_space)
     for workers, path, dtype, canvas in runs:
         config.num_workers = workers
         config.image_dtype = dtype  # "uint8": raw pixels, normalised on the device (the accelerator configs' choice)
         config.resize_canvas = canvas  # > 0: the bicubic squash runs on the device (ops/resize.py)
         os.sched_setaffinity(0, {core} if workers == 0 else all_cores)
-        iterator = pipeline.make_train_iterator(config, source=_Tiled(source, args.index_space), process_index=0,
-                                                process_count=1)
+        iterator = pipeline.make_train_iterator(config, source=tiled, process_index=0, process_count=1)
         try:
             image_dtype = str(next(iterator)["image"].dtype)
             warmup = -(-config.read_buffer_size // b) + workers * config.worker_buffer_size
@@ -408,7 +407,7 @@ def main() -> None:
             iterator.close()
         cores = 1 if workers == 0 else workers
         case = dict(common, path=path, num_workers=workers, read_threads=config.read_threads,
-                    index_space=len(_Tiled(source, args.index_space)), batch_size=b, max_regions=config.max_regions,
+                    index_space=len(tiled), batch_size=b, max_regions=config.max_regions,
                     batches=args.batches, repeats=args.repeats,
                     image_dtype=image_dtype, resize_canvas=canvas, wall_images_per_s=round(ours["wall"], 1),
                     wall_per_core=round(ours["wall"] / cores, 1), wall_cores=cores,

@@ -32,7 +32,7 @@ def decode_image(image: Any, size: int, mean: Sequence[float] = OPENAI_CLIP[0],
     pixels, which the device normalises (`ModelGlue.model_images`): 4x fewer bytes to make, batch and transfer."""
     pixels = decode_drafted(image, size)
     if pixels.shape[:2] != (size, size):
-        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
+        pixels = _squash(pixels, size)
     if dtype == "uint8":
         return pixels
     if dtype != "float32":
@@ -75,6 +75,11 @@ def _decode_jpeg_turbo(data: bytes, size: int) -> np.ndarray | None:
     return pixels if pixels.shape[:2] == want else None
 
 
+def _squash(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8, PIL's bicubic (the squash `ops/resize.py` reproduces on device)."""
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
+
+
 def decode_to_canvas(image: Any, size: int, canvas: int) -> tuple[np.ndarray, np.ndarray]:
     """Encoded bytes (or a uint8 HWC array) -> ((canvas, canvas, 3) uint8 zeros with the decoded picture at the
     top-left, its (height, width) int32), for `ops.resize.resize_from_canvas(..., size)` on the device: together
@@ -82,7 +87,7 @@ def decode_to_canvas(image: Any, size: int, canvas: int) -> tuple[np.ndarray, np
     JPEG draft) is squashed to size x size here instead (its height and width are then size)."""
     pixels = decode_drafted(image, size)
     if pixels.shape[0] > canvas or pixels.shape[1] > canvas:
-        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
+        pixels = _squash(pixels, size)
     height, width = pixels.shape[:2]
     out = np.zeros((canvas, canvas, 3), np.uint8)
     out[:height, :width] = pixels
