@@ -399,7 +399,10 @@ def test_global_batch_check_catches_per_shard_losses():
 # Computed once with losses.py as of commit a185648 (before the loss-term table), eager on CPU, inputs
 # make_inputs(21) with lexeme_id % V. Per config: required outputs, required batch keys, the float32 bit
 # pattern of every term and of the total, and a float64 checksum of the gradients w.r.t. every output.
-# A different CPU or an XLA upgrade may change the last bits; re-pin only after checking losses.py did not change.
+# Pinned on an AVX2 EPYC; an AVX-512 Xeon's matmul kernels round differently: there every term lands within 1 ulp
+# of the pin and every checksum within 1.1e-6 (relative). So terms must be within 2 ulps, checksums within 1e-5:
+# any change to what a loss computes moves them by orders of magnitude more. Re-pin only after checking that
+# losses.py did not change.
 
 PINNED = [
     ("harmoclip", {}, "image_embed lexeme_embed logit_scale region_embed region_text_embed text_embed", "box_mask lexeme_id",
@@ -449,16 +452,20 @@ def default_compiles():
 
 @pytest.mark.usefixtures("default_compiles")
 @pytest.mark.parametrize("method,overrides,outputs_needed,batch_needed,bits,grad_checksum", PINNED)
-def test_total_loss_bitwise_equal_to_pre_table_code(method, overrides, outputs_needed, batch_needed, bits, grad_checksum):
+def test_total_loss_equals_pre_table_code_to_the_last_bits(method, overrides, outputs_needed, batch_needed, bits,
+                                                           grad_checksum):
     config = _config(method, overrides)
     assert L.required_outputs(config) == set(outputs_needed.split())
     assert L.required_batch_keys(config) == set(batch_needed.split())
     outputs, batch = make_inputs(21)
     batch["lexeme_id"] = batch["lexeme_id"] % V
     (_, terms), grads = jax.value_and_grad(lambda o: L.total_loss(config, o, batch), has_aux=True)(_select(outputs, config))
-    assert {k: int(np.asarray(v, np.float32).view(np.uint32)) for k, v in terms.items()} == bits
+    got = {k: int(np.asarray(v, np.float32).view(np.int32)) for k, v in terms.items()}
+    assert set(got) == set(bits)
+    ulps = {k: abs(got[k] - bits[k]) for k in bits}  # same-sign floats: bit patterns are ordered like the values
+    assert max(ulps.values()) <= 2, (ulps, {k: float(v) for k, v in terms.items()})
     checksum = sum((i + 1) * float(np.asarray(grads[k], np.float64).sum()) for i, k in enumerate(sorted(grads)))
-    assert checksum.hex() == grad_checksum
+    assert checksum == pytest.approx(float.fromhex(grad_checksum), rel=1e-5, abs=0)
 
 
 def test_default_loss_configs_pinned():
