@@ -462,7 +462,8 @@ def test_total_loss_equals_pre_table_code_to_the_last_bits(method, overrides, ou
     (_, terms), grads = jax.value_and_grad(lambda o: L.total_loss(config, o, batch), has_aux=True)(_select(outputs, config))
     got = {k: int(np.asarray(v, np.float32).view(np.int32)) for k, v in terms.items()}
     assert set(got) == set(bits)
-    ulps = {k: abs(got[k] - bits[k]) for k in bits}  # same-sign floats: bit patterns are ordered like the values
+    pinned = {k: int(np.uint32(v).view(np.int32)) for k, v in bits.items()}
+    ulps = {k: abs(got[k] - pinned[k]) for k in bits}  # floats of one sign: their bit patterns count ulps
     assert max(ulps.values()) <= 2, (ulps, {k: float(v) for k, v in terms.items()})
     checksum = sum((i + 1) * float(np.asarray(grads[k], np.float64).sum()) for i, k in enumerate(sorted(grads)))
     assert checksum == pytest.approx(float.fromhex(grad_checksum), rel=1e-5, abs=0)
