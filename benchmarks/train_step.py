@@ -332,7 +332,8 @@ def main():
     case = {"family": args.family, "variant": args.variant, "image_size": args.size, "batch": args.batch,
             "boxes_per_image": args.boxes,
             "method": "harmoclip (GC+LRC+GR-a), text tower frozen + cached", "dtype": args.dtype,
-            "device": _device_kind(), "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps}
+            "device": _device_kind(), "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}  # they change XLA:CPU's kernels (RESULTS.md)
     print(json.dumps({
         "cpu": cpu_description(),
         "bench": "train_step", "case": case, "unit": "images/s", "ours": ours_rate, "reference": ref_rate,

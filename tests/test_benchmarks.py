@@ -35,6 +35,7 @@ def test_train_step_benchmark_runs_each_family(family, variant, reference):
     [line] = _cases(*args)
     assert line["case"]["family"] == family and line["xla_gflops_per_step"] > 0 and 0 < line["mfu"]
     assert (line["reference"] is not None) == reference
+    assert line["case"]["xla_flags"] == subprocess_env()["XLA_FLAGS"]  # the flags it ran under, recorded
 
 
 def test_train_step_benchmark_refuses_a_reference_it_does_not_have():
