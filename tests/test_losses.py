@@ -460,11 +460,10 @@ def test_total_loss_equals_pre_table_code_to_the_last_bits(method, overrides, ou
     outputs, batch = make_inputs(21)
     batch["lexeme_id"] = batch["lexeme_id"] % V
     (_, terms), grads = jax.value_and_grad(lambda o: L.total_loss(config, o, batch), has_aux=True)(_select(outputs, config))
-    got = {k: int(np.asarray(v, np.float32).view(np.int32)) for k, v in terms.items()}
-    assert set(got) == set(bits)
-    pinned = {k: int(np.uint32(v).view(np.int32)) for k, v in bits.items()}
-    ulps = {k: abs(got[k] - pinned[k]) for k in bits}  # floats of one sign: their bit patterns count ulps
-    assert max(ulps.values()) <= 2, (ulps, {k: float(v) for k, v in terms.items()})
+    assert set(terms) == set(bits)
+    names = sorted(bits)
+    pinned = np.array([bits[k] for k in names], np.uint32).view(np.float32)
+    np.testing.assert_array_max_ulp(np.array([terms[k] for k in names], np.float32), pinned, maxulp=2)
     checksum = sum((i + 1) * float(np.asarray(grads[k], np.float64).sum()) for i, k in enumerate(sorted(grads)))
     assert checksum == pytest.approx(float.fromhex(grad_checksum), rel=1e-5, abs=0)
 
