@@ -437,19 +437,6 @@ PINNED = [
 ]
 
 
-@pytest.fixture
-def default_compiles():
-    """The pinned bits come from XLA's default (optimised) programs; conftest.py turns most optimisations off for
-    the rest of the suite. The flag is not part of jit's cache key, so in-memory executables are dropped on the way
-    in and out."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    jax.clear_caches()
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-    jax.clear_caches()
-
-
 @pytest.mark.usefixtures("default_compiles")
 @pytest.mark.parametrize("method,overrides,outputs_needed,batch_needed,bits,grad_checksum", PINNED)
 def test_total_loss_equals_pre_table_code_to_the_last_bits(method, overrides, outputs_needed, batch_needed, bits,

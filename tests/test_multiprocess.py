@@ -33,7 +33,13 @@ def _launch(workdir, num_processes, *overrides, killed=False):
         procs.append(subprocess.Popen(main_command(workdir, *RUN, *overrides, arg="smoke"), env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        if killed and i > 0 and p.returncode == -6:
+            # Process 0 hosts the coordination service: when its kill lands while another process still waits on
+            # the save's last barrier, that process aborts on the lost service (as on a real cluster) before its
+            # own kill. The checkpoint was finalised before that barrier; the resume below proves it.
+            assert "coordination service" in err, err[-4000:]
+            continue
         assert p.returncode == (-9 if killed else 0), out[-2000:] + err[-4000:]
         assert killed or "Traceback" not in err, err[-4000:]  # a killed run's last words are not checked
     assert f"on 4 cpu device(s), {num_processes} process(es)" in outputs[0][0], outputs[0][0]

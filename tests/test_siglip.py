@@ -75,6 +75,7 @@ def test_variants_build_and_encode_shapes():
         siglip.get_config("SigLIP-test-tiny", dense_mode="cls")
 
 
+@pytest.mark.usefixtures("default_compiles")  # the bound holds for optimised programs (conftest.py)
 def test_remat_gives_same_gradients(rng):
     images = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
 
