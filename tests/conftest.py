@@ -34,7 +34,7 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
 # XLA:CPU's MLIR fusion emitters take half of a tiny program's compile (the tiny train step: 4 s of XLA's compile;
-# 2 s with the classic emitters); the suite runs ~23 % faster. Subprocess runs inherit this. Unoptimised, the classic
+# 2 s with the classic emitters); the suite runs ~25 % faster. Subprocess runs inherit this. Unoptimised, the classic
 # emitters round float32 tanh and exp a little differently: tests of the tightest bounds use `default_compiles`.
 if "xla_cpu_use_fusion_emitters" not in _flags:
     _flags += " --xla_cpu_use_fusion_emitters=false"
