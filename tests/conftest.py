@@ -89,10 +89,11 @@ def rng():
 
 @pytest.fixture
 def default_compiles():
-    """XLA's default (optimised) programs for a test, as users run them: pinned float bits and the tightest parity
-    bounds hold there. The rest of the suite compiles without most optimisations (above), where float32 tanh and
-    fusion boundaries round differently (e.g. quick_gelu 2.1e-6 off transformers' instead of 1.1e-6). The flag is
-    not part of jit's cache key, so in-memory executables are dropped on the way in and out."""
+    """XLA's optimisations on for a test, as users compile (the emitter flag above stays: XLA_FLAGS are read once
+    per process; optimised, both emitter kinds meet these bounds): pinned float bits and the tightest parity bounds
+    hold there. The rest of the suite compiles without most optimisations (above), where float32 tanh and fusion
+    boundaries round differently (e.g. quick_gelu 2.1e-6 off transformers' instead of 1.1e-6). The flag is not part
+    of jit's cache key, so in-memory executables are dropped on the way in and out."""
     import jax
 
     previous = jax.config.read("jax_disable_most_optimizations")
