@@ -59,4 +59,14 @@ def initialize_from_environment(environ=os.environ) -> bool:
     # collectives are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**arguments)
+    if jax.default_backend() == "cpu" and jax.config.jax_compilation_cache_dir and \
+            jax.config.jax_enable_compilation_cache:
+        # Only process 0 writes the persistent compilation cache, so with one the processes of a CPU run reach their
+        # first collectives apart: process 0 loads each program while the others compile it, and gloo under jax 0.12
+        # hangs when peers arrive at a collective more than ~30 s apart (a loaded machine). CPU programs are cheap to
+        # compile: every process compiles them.
+        jax.config.update("jax_enable_compilation_cache", False)
+        if jax.process_index() == 0:
+            print("multi-process CPU run: the persistent compilation cache is off (processes that load programs "
+                  "from it reach the gloo collectives apart from those that compile them)", flush=True)
     return True

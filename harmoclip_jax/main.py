@@ -22,11 +22,30 @@ _CONFIG = None  # the config flag's holder, defined by _define_flags (run_absl r
 
 
 def _define_flags() -> None:
+    """`--config=FILE[:ARGS]` and its `--config.a.b=VALUE` overrides: ml_collections' config-file flag, reading the file
+    through `config_lib.load_config` (ml_collections' own loader calls `SourceFileLoader.load_module()`, deprecated
+    and warned about under Python 3.12). The default is set once the parser is in place: setting it parses it."""
     global _CONFIG
     from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config file[:arguments].",
-                                              lock_config=True)
+    from harmoclip_jax import config_lib
+
+    class ConfigFileParser(flags.ArgumentParser):
+        def parse(self, argument):
+            path = argument.split(":", 1)[0]
+            if not os.path.isfile(path):
+                raise ValueError(f"no config file {path} (relative to {os.getcwd()}); e.g. --config=configs/demo.py "
+                                 "from the repository root")
+            config = config_lib.load_config(argument)
+            config.lock()
+            return config
+
+        def flag_type(self):
+            return "config object"
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arguments].")
+    flags.FLAGS["config"].parser = ConfigFileParser()
+    flags.FLAGS.set_default("config", "configs/demo.py")
 
 
 def _config_file() -> str:
@@ -43,9 +62,6 @@ def main(argv):
         # The method is a preset: the config file's `method=` argument sets the loss weights with it.
         raise cli.UsageError("--config.method would rename the run without changing its losses; choose the method "
                              "in the config argument, e.g. --config=configs/demo.py:method=fineclip")
-    if not os.path.isfile(_config_file()):
-        raise cli.UsageError(f"--config: no config file {_config_file()} (relative to {os.getcwd()}); e.g. "
-                             f"--config=configs/demo.py from the repository root")
     from harmoclip_jax import distributed
 
     distributed.initialize_from_environment()

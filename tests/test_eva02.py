@@ -14,6 +14,7 @@ from harmoclip_jax.models import convert_eva02, eva02, glue, registry
 from harmoclip_jax.models.convert import CheckpointMismatchError
 from harmoclip_jax.testing import reference
 from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
+from harmoclip_jax.testing.numerics import assert_same_gradients
 
 import torch  # noqa: E402 - dev requirement (requirements-dev.txt): a broken install fails, never skips
 
@@ -279,8 +280,7 @@ def test_remat_gives_same_gradients(rng):
 
         return jax.jit(jax.grad(loss))(params)["visual"]
 
-    for x, y in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert_same_gradients(grads(True), grads(False))
 
 
 def test_clear_errors(tmp_path):

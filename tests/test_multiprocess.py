@@ -32,7 +32,13 @@ def _launch(workdir, num_processes, *overrides, killed=False):
                        JAX_PROCESS_ID=str(i))
         procs.append(subprocess.Popen(main_command(workdir, *RUN, *overrides, arg="smoke"), env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=400) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=400) for p in procs]
+    finally:  # a hung launch (a collective that never completes) must not outlive the test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
         if killed and i > 0 and p.returncode == -6:
             # Process 0 hosts the coordination service: when its kill lands while another process still waits on

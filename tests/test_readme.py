@@ -58,6 +58,10 @@ def test_readme_has_the_quick_start_commands():
     # README command 1: the runtime-only install and the demo (smoke size), then the package as `pip install .`.
     assert "quiet_pip -r requirements.txt" in ci and "python -m harmoclip_jax.main --config=configs/demo.py:smoke" in ci
     assert 'quiet_pip "$scratch/src"' in ci and "import harmoclip_jax.inference, harmoclip_jax.train" in ci
+    # Both supported stacks: the whole suite on Python 3.11, the cross-stack subset README names on Python 3.12.
+    readme = (ROOT / "README.md").read_text()
+    assert "find_python 3.11" in ci and "find_python 3.12" in ci and "python -m pytest -q -m cross_stack" in ci
+    assert "**Python 3.11**" in readme and "**Python 3.12**" in readme and "python -m pytest -q -m cross_stack" in readme
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
