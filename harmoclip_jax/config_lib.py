@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import flags as absl_flags
 
 from harmoclip_jax import losses
 from harmoclip_jax.sharding import mesh_shape
@@ -72,6 +73,38 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def define_config_flag(name: str, default: str | None, help_string: str, flag_values=None,
+                       sys_argv: list[str] | None = None):
+    """ml_collections' `--NAME=FILE[:ARGS]` flag with its `--NAME.a.b=VALUE` overrides, the file read by
+    `load_config` (ml_collections' own loader calls `SourceFileLoader.load_module()`, deprecated and warned about under
+    Python 3.12). The default is set once the parser is in place: setting it parses it, unless the command line
+    names a file. Returns the flag's holder."""
+    from ml_collections import config_flags
+
+    flag_values = absl_flags.FLAGS if flag_values is None else flag_values
+    holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=flag_values, sys_argv=sys_argv)
+    flag_values[name].parser = _ConfigFileParser()
+    if default is not None:
+        flag_values.set_default(name, default)
+    return holder
+
+
+class _ConfigFileParser(absl_flags.ArgumentParser):
+    """Parses a `FILE[:ARGS]` config flag's value into the locked config."""
+
+    def parse(self, argument: str) -> ml_collections.ConfigDict:
+        path = argument.split(":", 1)[0]
+        if not os.path.isfile(path):
+            raise ValueError(f"no config file {path} (relative to {os.getcwd()}); e.g. --config=configs/demo.py from "
+                             "the repository root")
+        config = load_config(argument)
+        config.lock()
+        return config
+
+    def flag_type(self) -> str:
+        return "config object"
 
 
 # ------------------------------------------------------------------------------------------------ validate

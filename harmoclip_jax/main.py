@@ -14,7 +14,7 @@ import os
 
 from absl import flags
 
-from harmoclip_jax import cli
+from harmoclip_jax import cli, config_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots (default: "
                                "runs/<config name>).")
@@ -22,30 +22,8 @@ _CONFIG = None  # the config flag's holder, defined by _define_flags (run_absl r
 
 
 def _define_flags() -> None:
-    """`--config=FILE[:ARGS]` and its `--config.a.b=VALUE` overrides: ml_collections' config-file flag, reading the file
-    through `config_lib.load_config` (ml_collections' own loader calls `SourceFileLoader.load_module()`, deprecated
-    and warned about under Python 3.12). The default is set once the parser is in place: setting it parses it."""
     global _CONFIG
-    from ml_collections import config_flags
-
-    from harmoclip_jax import config_lib
-
-    class ConfigFileParser(flags.ArgumentParser):
-        def parse(self, argument):
-            path = argument.split(":", 1)[0]
-            if not os.path.isfile(path):
-                raise ValueError(f"no config file {path} (relative to {os.getcwd()}); e.g. --config=configs/demo.py "
-                                 "from the repository root")
-            config = config_lib.load_config(argument)
-            config.lock()
-            return config
-
-        def flag_type(self):
-            return "config object"
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arguments].")
-    flags.FLAGS["config"].parser = ConfigFileParser()
-    flags.FLAGS.set_default("config", "configs/demo.py")
+    _CONFIG = config_lib.define_config_flag("config", "configs/demo.py", "Experiment config file[:arguments].")
 
 
 def _config_file() -> str:

@@ -77,14 +77,13 @@ def test_validate_rejects_bad_configs(change, message):
 def test_sequence_fields_can_be_overridden_from_the_command_line():
     """ml_collections overrides tuple fields (not list ones): every sequence in the base config is a tuple."""
     from absl import flags
-    from ml_collections import config_flags
 
     argv = ["main", f"--config={ROOT / 'configs' / 'vitb16.py'}", "--config.optim.freeze=('text/.*', 'visual/conv1.*')",
             "--config.optim.no_decay=('logit_scale',)", "--config.mesh=(('data', 2), ('fsdp', 4))",
             "--config.sharding.rules=(('visual/.*', 'fsdp'), ('.*', 'replicate'))",
             "--config.region.concepts=('red circle', 'blue star')"]
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+    config_lib.define_config_flag("config", None, "", flag_values=flag_values, sys_argv=argv)  # as main.py does
     flag_values(argv)
     c = flag_values.config
     assert c.optim.freeze == ("text/.*", "visual/conv1.*") and c.optim.no_decay == ("logit_scale",)
