@@ -13,8 +13,8 @@ from harmoclip_jax import checkpoint, config_lib
 from harmoclip_jax.models import convert_eva02, eva02, glue, registry
 from harmoclip_jax.models.convert import CheckpointMismatchError
 from harmoclip_jax.testing import reference
-from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
 from harmoclip_jax.testing.numerics import assert_same_gradients
+from harmoclip_jax.testing.torch_compat import ensure_torch_reference_stack
 
 import torch  # noqa: E402 - dev requirement (requirements-dev.txt): a broken install fails, never skips
 
