@@ -67,8 +67,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads `path/to/config.py[:arg]` the way `--config` does (for notebooks and tests)."""
     path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist (relative to {os.getcwd()})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path} (relative to {os.getcwd()})")
     module_spec = importlib.util.spec_from_file_location(f"_harmoclip_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -95,11 +95,10 @@ class _ConfigFileParser(absl_flags.ArgumentParser):
     """Parses a `FILE[:ARGS]` config flag's value into the locked config."""
 
     def parse(self, argument: str) -> ml_collections.ConfigDict:
-        path = argument.split(":", 1)[0]
-        if not os.path.isfile(path):
-            raise ValueError(f"no config file {path} (relative to {os.getcwd()}); e.g. --config=configs/demo.py from "
-                             "the repository root")
-        config = load_config(argument)
+        try:
+            config = load_config(argument)
+        except FileNotFoundError as error:  # absl reports a ValueError as the flag's one-line error
+            raise ValueError(f"{error}; e.g. --config=configs/demo.py from the repository root") from error
         config.lock()
         return config
 
