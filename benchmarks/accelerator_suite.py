@@ -20,6 +20,9 @@ Cases, in the order they run (each in its own process, each under a time bound, 
                     process (the field "mode" says which ran).
   max_batch         the largest batch of the train step that compiles and runs, without and with remat: an
                     ascending search over --search_batches that stops at the first OOM or at its time bound.
+  aot_memory        `python -m harmoclip_jax.aot`'s prediction for this GPU (compiled without it, in a child
+                    process that sees no GPU) against the real run: the project's trainer (configs/vitb16.py in
+                    --dtype at --batch x --boxes), two steps, memory_stats()["peak_bytes_in_use"]. Needs an H100/H200.
 
 Every line is the project's benchmark format ({"bench", "case", "unit", "ours", "reference", "reference_name",
 "speedup", "cpu"}) plus "device"; a case that could not run says why in "skipped" (e.g. "no CUDA") or "error"
@@ -44,11 +47,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 FORMAT = ("bench", "case", "unit", "ours", "reference", "reference_name", "speedup", "cpu")
-CASES = ("train_step", "train_step_torch", "encode", "roi_align", "pipeline", "max_batch")
+CASES = ("train_step", "train_step_torch", "encode", "roi_align", "pipeline", "max_batch", "aot_memory")
 CUDA_ONLY = ("train_step_torch", "roi_align")  # PyTorch on CUDA is the point of these; skipped without it
 # Seconds each case may take on the GPU (the whole run is also capped by --budget_s); --tiny scales them.
 BOUNDS = {"train_step": 110, "train_step_torch": 80, "encode": 70, "roi_align": 40, "pipeline": 40,
-          "max_batch": 130}
+          "max_batch": 130, "aot_memory": 120}
 DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}  # dense bf16, SXM, by the vendor's datasheet
 HIDE_ENV = "ACCEL_SUITE_HIDE_MODULES"  # comma-separated top-level modules made unimportable (tests: a bare box)
 
@@ -467,8 +470,79 @@ def case_max_batch(args, grain):
                          "the search stopped on its time bound or ran out of list"))
 
 
+def _vitb16_config(args):
+    """configs/vitb16.py at the suite's sizes, trained from a random init (no weights on the device machine)."""
+    from harmoclip_jax import config_lib
+
+    config = config_lib.load_config(f"{ROOT}/configs/vitb16.py:dtype={args.dtype}")
+    config.batch_size = config.eval_batch_size = args.batch
+    config.data.max_regions = args.boxes
+    config.init.mode, config.init.params_dir = "scratch", None
+    config.evals = {}
+    if args.tiny:
+        config.model.variant, config.model.image_size = args.variant, args.size
+    return config
+
+
+def case_aot_memory(args, grain):
+    """The deviceless prediction (a child process on the CPU platform) against this device's measured peak."""
+    import tempfile
+
+    _, kind, backend = _jax_device()
+    from harmoclip_jax import accelerators
+
+    chip = accelerators.chip_for(kind) if backend == "gpu" else None
+    case = {"variant": args.variant, "batch": args.batch, "boxes_per_image": args.boxes, "dtype": args.dtype}
+    if chip is None or chip.name not in ("h100", "h200"):
+        _emit(_line("aot_memory", case, "GiB", device=kind, skipped=f"not an H100/H200 ({kind})"))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "prediction.json"
+        env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+        child = subprocess.run([sys.executable, __file__, "--_case", "aot_predict", "--_out", str(out),
+                                "--_target", f"gpu:{chip.name}:1x1x1", *sys.argv[sys.argv.index("--_case") + 2:]],
+                               env=env, capture_output=True, text=True, cwd=ROOT)
+        if child.returncode:
+            raise RuntimeError(f"the prediction failed: {child.stderr[-1500:]}")
+        predicted = json.loads(out.read_text())
+    import jax
+    import numpy as np
+
+    from harmoclip_jax import sharding
+    from harmoclip_jax import train as train_lib
+
+    config = _vitb16_config(args)
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    trainer = train_lib.build_trainer(config, mesh)
+    batch = {k: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding)
+             for k, v in train_lib.abstract_batch(trainer, True).items()}
+    with jax.set_mesh(mesh):
+        state = trainer.init_state()
+        for _ in range(2):
+            state, metrics = trainer.train_step(state, batch, {})
+        jax.block_until_ready(metrics)
+    peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
+    total = predicted["bytes_per_device"]["total"]
+    _emit(_line("aot_memory", case, "GiB", total / 2**30, peak / 2**30 if peak else None,
+                "memory_stats()['peak_bytes_in_use'] after two steps, this device", device=kind, grain=grain,
+                predicted_bytes=predicted["bytes_per_device"], measured_peak_bytes=peak, backend=backend,
+                note="speedup = predicted / measured (1.0: exact)"))
+
+
+def case_aot_predict(args, grain):
+    """(child of aot_memory) the train step compiled for --_target without a device; its report to --_out."""
+    from harmoclip_jax import aot
+
+    target = aot.parse_target(args._target)
+    config = _vitb16_config(args)
+    config.mesh = (("data", 1), ("fsdp", 1))
+    report = aot.compile_config(config, target, evals=False, log=lambda line: None)["train_step"]
+    pathlib.Path(args._out).write_text(json.dumps(report))
+
+
 RUNNERS = {"train_step": case_train_step, "train_step_torch": case_train_step_torch, "encode": case_encode,
-           "roi_align": case_roi_align, "pipeline": case_pipeline, "max_batch": case_max_batch}
+           "roi_align": case_roi_align, "pipeline": case_pipeline, "max_batch": case_max_batch,
+           "aot_memory": case_aot_memory, "aot_predict": case_aot_predict}
 
 
 # ---------------------------------------------------------------------------------------- orchestrator
@@ -589,7 +663,9 @@ def parse(argv):
     parser.add_argument("--pipeline_window_s", type=float, default=8.0)
     parser.add_argument("--budget_s", type=float, default=450, help="the whole suite's time bound (seconds)")
     parser.add_argument("--bound_scale", type=float, default=1.0, help="scales every case's time bound")
-    parser.add_argument("--_case", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--_case", choices=(*CASES, "aot_predict"), help=argparse.SUPPRESS)
+    parser.add_argument("--_target", help=argparse.SUPPRESS)
+    parser.add_argument("--_out", help=argparse.SUPPRESS)
     parser.add_argument("--remat", choices=["off", "on", "both"], default="off", help=argparse.SUPPRESS)
     parser.add_argument("--simulate_oom_above", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--case_budget_s", type=float, default=100, help=argparse.SUPPRESS)

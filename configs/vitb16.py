@@ -39,7 +39,7 @@ def coco_protocol(arg, variant, res, params_dir, batch_size, max_boxes):
     # to the device (benchmarks/RESULTS.md, pipeline_jpeg): C = 640 holds any COCO image after the JPEG draft, 320
     # the 640x480 ones (a smaller canvas is cheaper on the host; larger pictures are squashed there).
     c.batch_size = batch_size
-    c.eval_batch_size = 200
+    c.eval_batch_size = 256  # divides every data-parallel size up to a v5e-256 (docs/accelerators.md)
     c.total_steps = arg.epochs * COCO_TRAIN_IMAGES // batch_size
     c.optim.lr = 1e-5
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from harmoclip_jax import checkpoint as ckpt_lib
-from harmoclip_jax import config_lib, distributed, evaluators, losses, optim, resume, sharding
+from harmoclip_jax import accelerators, config_lib, distributed, evaluators, losses, optim, resume, sharding
 from harmoclip_jax import workdir as workdir_lib
 from harmoclip_jax.data import registry as data_registry
 from harmoclip_jax.metrics_writer import MetricsWriter
@@ -326,6 +326,53 @@ def device_batch_keys(trainer: Trainer, cache_active: bool) -> list[str]:
     return sorted(keys)
 
 
+def abstract_batch(trainer: Trainer, cache_active: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch `prepare_batch` gives the train step, as ShapeDtypeStructs on the batch sharding: what
+    ahead-of-time compilation lowers the step with (`harmoclip_jax.aot`); tests hold it to a real prepared batch."""
+    config = trainer.config
+    b, t, s = config.batch_size, config.data.max_regions, config.model.image_size
+    length = config.region.text_length or config.model.context_length
+    embed = trainer.glue.config.embed_dim
+    canvas = config.data.get("resize_canvas", 0) or s
+    uint8 = config.data.get("image_dtype", "float32") == "uint8"
+    shapes = {"image": ((b, canvas, canvas, 3), jnp.uint8 if uint8 else jnp.float32), "image_hw": ((b, 2), jnp.int32),
+              "boxes": ((b, t, 4), jnp.float32), "box_mask": ((b, t), jnp.bool_), "lexeme_id": ((b, t), jnp.int32),
+              "lexeme_span": ((b, t, 2), jnp.int32), "text": ((b, config.model.context_length), jnp.int32),
+              "region_text": ((b, t, length), jnp.int32), "lexeme": ((b, t, length), jnp.int32)}
+    for key, name in TEXT_INPUTS.items():
+        shapes[name] = (shapes[key][0][:-1] + (embed,), jnp.float32)
+    processes = jax.process_count()
+    for key, field in DISTINCT_TEXT_FIELDS.items():  # every process's table, concatenated
+        shapes[f"{key}_table"] = ((int(config.region.get(field, 0)) * processes, length), jnp.int32)
+        shapes[f"{key}_index"] = ((b, t), jnp.int32)
+    keys = device_batch_keys(trainer, cache_active)
+    unknown = [k for k in keys if k not in shapes]
+    if unknown:
+        raise KeyError(f"abstract_batch: no shape for the batch keys {unknown}; add them here")
+    return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=trainer.batch_sharding) for k in keys}
+
+
+def abstract_consts(trainer: Trainer, cache_active: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """`make_consts`'s step constants as ShapeDtypeStructs: the RegionCLIP concepts (`config.region.concepts`, or
+    COCO's 80 classes when the dataset names them) and the LRC vocabulary at its bound `lexeme_vocab_size`."""
+    config = trainer.config
+    sizes = {}
+    if "concept_embed" in trainer.needed:
+        sizes["concept"] = len(config.region.concepts) or 80
+    if "lexeme_vocab_embed" in trainer.needed:
+        sizes["lexeme_vocab"] = int(config.region.lexeme_vocab_size)
+    length = config.region.text_length or config.model.context_length
+    repl = sharding.replicated(trainer.mesh)
+    out = {}
+    for name, n in sizes.items():
+        if cache_active:
+            out[f"{name}_embed"] = jax.ShapeDtypeStruct((n, trainer.glue.config.embed_dim), jnp.float32, sharding=repl)
+        else:
+            width = length if name == "lexeme_vocab" else config.model.context_length
+            out[f"{name}_tokens"] = jax.ShapeDtypeStruct((n, width), jnp.int32, sharding=repl)
+    return out
+
+
 def distinct_texts(local: dict, key: str, bound: int, process_index: int = 0) -> dict:
     """Replaces `local[key]` (..., L) token rows by `{key}_table` (bound, L): its distinct rows, zero-padded, and
     `{key}_index` (...): each row's index into the global table (the processes' tables concatenated in order)."""
@@ -525,6 +572,22 @@ def _summary(trainer: Trainer, state) -> str:
             f"{config.data.max_regions} boxes, {config.total_steps} steps, lr {config.optim.lr:g}")
 
 
+def _throughput_fn(trainer: Trainer, cache_active: bool) -> Callable[[float], dict[str, float]]:
+    """images/s -> the logged throughput: images/s, and on a TPU or GPU of a known kind (`accelerators.CHIPS`) the
+    model TFLOP/s per device and the MFU they are of the chip's peak (the analytic count, as MaxText logs them)."""
+    chip = accelerators.device_chip()
+    if chip is None:
+        return lambda rate: {"images_per_s": rate}
+    flops = accelerators.model_flops_per_image(trainer, abstract_batch(trainer, cache_active))
+    devices, peak = trainer.mesh.size, chip.peak(trainer.config.model.dtype)
+
+    def throughput(rate: float) -> dict[str, float]:
+        per_device = flops * rate / devices
+        return {"images_per_s": rate, "tflops_per_device": per_device / 1e12, "mfu": per_device / peak}
+
+    return throughput
+
+
 def run_evals(evals: dict, params) -> dict[str, float]:
     out = {}
     for name, evaluator in evals.items():
@@ -609,6 +672,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
         progress = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
     last_log_time, last_log_step = time.perf_counter(), step
+    throughput = _throughput_fn(trainer, cache is not None)
     distributed.barrier(f"train_start:{workdir}:{step}")  # processes enter the first collective together
     try:
         with jax.set_mesh(trainer.mesh), _StopRequest() as stop:
@@ -633,7 +697,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     now = time.perf_counter()
                     rate = (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9)
                     last_log_time, last_log_step = now, step
-                    record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "images_per_s": rate}
+                    record = {"step": step, **{k: float(v) for k, v in metrics.items()}, **throughput(rate)}
                     if progress is not None:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 if evals and (step % config.eval_every == 0 or step == total):

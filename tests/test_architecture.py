@@ -1,4 +1,4 @@
-"""The package's layering, checked on the source: the trainer is a leaf."""
+"""The package's layering, checked on the source: the trainer is a leaf, imported by the entry points only."""
 import ast
 import pathlib
 
@@ -16,10 +16,19 @@ def _imported_modules(path: pathlib.Path) -> set[str]:
     return names
 
 
-def test_only_main_imports_the_trainer():
+ENTRY_POINTS = ["aot.py", "main.py"]  # `main` trains; `aot` compiles what main would run for a TPU/GPU target
+
+
+def test_only_entry_points_import_the_trainer():
     importers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                        if "harmoclip_jax.train" in _imported_modules(p))
-    assert importers == ["main.py"]
+    assert importers == ENTRY_POINTS
+
+
+def test_nothing_imports_an_entry_point():
+    names = {f"harmoclip_jax.{p.removesuffix('.py')}" for p in ENTRY_POINTS}
+    importers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if names & _imported_modules(p))
+    assert importers == []
 
 
 def test_the_scan_sees_every_import_form(tmp_path):

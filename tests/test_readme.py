@@ -52,9 +52,10 @@ def _program(command: list[str]) -> tuple[list[str], list[str]]:
 def test_readme_has_the_quick_start_commands():
     modules = [c[2] for c in COMMANDS if c[1] == "-m"]
     assert "harmoclip_jax.main" in modules and "harmoclip_jax.convert" in modules
-    assert "pip install -r requirements-dev.txt && python -m pytest -q" in (ROOT / "README.md").read_text()
+    install = "pip install -r requirements-dev.txt -r requirements-aot.txt"
+    assert f"{install} && python -m pytest -q" in (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "quiet_pip -r requirements-dev.txt" in ci and "python -m pytest -q" in ci and "export CI=true" in ci
+    assert "quiet_pip -r requirements-dev.txt -r requirements-aot.txt" in ci and "python -m pytest -q" in ci and "export CI=true" in ci
     # README command 1: the runtime-only install and the demo (smoke size), then the package as `pip install .`.
     assert "quiet_pip -r requirements.txt" in ci and "python -m harmoclip_jax.main --config=configs/demo.py:smoke" in ci
     assert 'quiet_pip "$scratch/src"' in ci and "import harmoclip_jax.inference, harmoclip_jax.train" in ci
