@@ -248,7 +248,9 @@ def roofline(report: dict, target: Target, dtype: str, hosts: int) -> dict[str, 
     chip = target.chip
     link = chip.interconnect_bandwidth if hosts == 1 or chip.cross_host_bandwidth is None \
         else chip.cross_host_bandwidth
-    bounds = {"compute_s": report["xla_flops_per_device"] / chip.peak(dtype),
+    # XLA counts a loop body once: the ring losses' pair scores come from the analytic count where that is larger
+    analytic = (report.get("analytic_flops_per_device") or 0) + report.get("analytic_loss_flops_per_device", 0)
+    bounds = {"compute_s": max(report["xla_flops_per_device"], analytic) / chip.peak(dtype),
               "memory_s": report["xla_bytes_accessed_per_device"] / chip.hbm_bandwidth,
               "collectives_s": report["collective_bytes_per_device"]["total"] / link}
     step = max(bounds.values())
@@ -301,7 +303,7 @@ def compile_config(config, target: Target, *, evals: bool = True, devices: list 
     per program (see the module docstring; `--json` writes them)."""
     import jax
 
-    from harmoclip_jax import sharding, train
+    from harmoclip_jax import losses, sharding, train
     from harmoclip_jax.models import clip
 
     devices = devices or target_devices(target)
@@ -316,7 +318,13 @@ def compile_config(config, target: Target, *, evals: bool = True, devices: list 
     common = {"target": target.name, "devices": n, "hosts": hosts, "mesh": dict(mesh.shape),
               "dtype": config.model.dtype, "remat": bool(config.model.remat),
               "grad_accum_steps": int(config.optim.grad_accum_steps)}
+    with jax.set_mesh(mesh):  # the loss terms' form for this mesh and microbatch (recorded with the numbers)
+        common["contrastive_form"] = losses.contrastive_form(config.batch_size // common["grad_accum_steps"])
     analytic = accelerators.model_flops_per_image(trainer, batch) * config.batch_size / n
+    accum = common["grad_accum_steps"]
+    loss_flops = accum * losses.pairwise_score_flops(config.loss, config.batch_size // accum,
+                                                     int(config.data.max_regions), trainer.glue.config.embed_dim,
+                                                     common["contrastive_form"]) / n
     programs = {"train_step": (trainer.train_step, (state, batch, consts), config.batch_size, analytic)}
     if evals:
         for name, (fn, args) in _eval_programs(trainer).items():
@@ -341,6 +349,8 @@ def compile_config(config, target: Target, *, evals: bool = True, devices: list 
         report = {**common, "global_batch": global_batch, **analyse(compiled, target, n),
                   "compile_s": time.perf_counter() - start}
         report["analytic_flops_per_device"] = analytic_flops
+        if name == "train_step":
+            report["analytic_loss_flops_per_device"] = loss_flops
         report.update(roofline(report, target, config.model.dtype, hosts))
         report["images_per_s_per_device_bound"] = global_batch / n / report["roofline_step_s"]
         reports[name] = report
@@ -354,7 +364,9 @@ def summary_line(name: str, r: dict) -> str:
         f"of {cap:.0f})"
     flops = f"{r['xla_flops_per_device'] / 1e12:.2f} TFLOP/device"
     if r.get("analytic_flops_per_device"):
-        flops += f" (analytic {r['analytic_flops_per_device'] / 1e12:.2f})"
+        loss = r.get("analytic_loss_flops_per_device", 0)
+        flops += f" (analytic {r['analytic_flops_per_device'] / 1e12:.2f}" + \
+            (f" + {loss / 1e12:.2f} in the loss's pair scores)" if loss > 0.01 * r["analytic_flops_per_device"] else ")")
     line = (f"{name}: batch {r['global_batch']} on {r['target']}: {fit}; {flops}; roofline "
             f"{r['roofline_step_s'] * 1e3:.1f} ms ({r['roofline_bound']}-bound), "
             f"{r['images_per_s_per_device_bound']:.0f} img/s/device")
@@ -409,24 +421,57 @@ def largest_fitting(fits, start: int, step: int, precision: float = 1 / 8, limit
     return lo, hi, trials
 
 
+def linear_guess(totals: dict[int, int], capacity: int, step: int) -> int | None:
+    """The largest multiple of `step` whose memory a line through two measured (batch, bytes per device) points keeps
+    within `capacity`, or None without two distinct points. Per-device memory is the replicated state plus
+    per-example activations, so a line fits it closely; `max_batch` checks the guess with two compiles."""
+    points = sorted(totals.items())
+    if len(points) < 2 or points[-1][1] <= points[0][1]:
+        return None
+    (b0, t0), (b1, t1) = points[0], points[-1]
+    per_example = (t1 - t0) / (b1 - b0)
+    return max(0, int((capacity - (t0 - per_example * b0)) / per_example) // step * step)
+
+
 def max_batch(config, target: Target, *, devices: list | None = None, remats=(False, True),
               precision: float = 1 / 8, log=print) -> dict[str, Any]:
     """The largest global batch (a multiple of the data-parallel size) whose train step fits, with and without
-    remat (`remats`), by bisection over compiles (`largest_fitting`); and the setting it recommends."""
+    remat (`remats`), and the setting it recommends. Compiles the protocol batch and half of it, extrapolates their
+    memory to the chip's capacity (`linear_guess`), and checks the guess: it fits and one step of `precision` more
+    does not (four compiles). Where a check fails, or a compile cannot say its memory (a TPU refuses what does not
+    fit), bisection over compiles (`largest_fitting`) finishes from what is known."""
     devices = devices or target_devices(target)
     n = len(devices)
     results: dict[str, Any] = {}
     for remat in remats:
-        def fits(batch: int) -> bool:
-            trial = _with(config, batch_size=batch, eval_batch_size=n, **{"model.remat": remat,
-                                                                           "optim.grad_accum_steps": 1})
-            report = compile_config(trial, target, evals=False, devices=devices, log=lambda s: None)["train_step"]
-            used = report.get("bytes_per_device", {}).get("total")
-            log(f"  batch {batch}, remat={remat}: {'fits' if report['fits'] else 'does not fit'}"
-                + (f" ({used / GiB:.1f} GiB)" if used else ""))
-            return report["fits"]
+        trials: dict[int, bool] = {}
+        totals: dict[int, int] = {}
 
-        lo, hi, trials = largest_fitting(fits, config.batch_size, n, precision)
+        def fits(batch: int) -> bool:
+            if batch not in trials:
+                trial = _with(config, batch_size=batch, eval_batch_size=n, **{"model.remat": remat,
+                                                                               "optim.grad_accum_steps": 1})
+                report = compile_config(trial, target, evals=False, devices=devices, log=lambda s: None)["train_step"]
+                used = report.get("bytes_per_device", {}).get("total")
+                if used:
+                    totals[batch] = used
+                trials[batch] = bool(report["fits"])
+                log(f"  batch {batch}, remat={remat}: {'fits' if report['fits'] else 'does not fit'}"
+                    + (f" ({used / GiB:.1f} GiB)" if used else ""))
+            return trials[batch]
+
+        protocol = max(n, config.batch_size // n * n)
+        fits(protocol)
+        fits(max(n, protocol // 2 // n * n) if protocol > n else 2 * n)
+        guess = linear_guess(totals, target.chip.memory_bytes, n)
+        lo = hi = None
+        if guess:
+            above = guess + max(n, int(guess * precision) // n * n)
+            if fits(guess) and not fits(above):
+                lo, hi = guess, above
+        if lo is None:
+            fitting = [b for b, ok in trials.items() if ok]
+            lo, hi, _ = largest_fitting(fits, max(fitting) if fitting else protocol, n, precision)
         results["remat" if remat else "no_remat"] = {"largest_fitting": lo, "smallest_failing": hi,
                                                      "trials": {str(k): v for k, v in sorted(trials.items())}}
     protocol = config.batch_size

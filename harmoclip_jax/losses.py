@@ -29,11 +29,15 @@ not found).
 Masks are explicit everywhere: padded region slots are excluded from the softmax denominators (as
 rows and as columns) and from every average, so their content never changes a loss or a gradient.
 
-Sharding: the losses are plain jnp math on the global batch, with no collectives and no per-shard
-reductions. Called under ``jax.jit`` on a batch sharded over a ``data`` mesh axis, GSPMD therefore
-computes the global result (every device's regions are negatives for every other device's). Wrapping
-them in ``shard_map`` would change that: each shard would only see its own negatives
-(tests/test_losses.py checks both).
+Sharding: the losses are global-batch math: every device's regions are negatives for every other
+device's. Outside a mesh (or when the batch axes do not split the items) they are plain jnp math on the
+(N, N) logits, which GSPMD partitions under jit. In the trainer's `jax.set_mesh` context the InfoNCE
+terms (gc, lrc, gr-a/b, rc) and the sigmoid gc run as rings instead (``info_nce_ring``,
+``sigmoid_contrastive_loss_ring``): each device keeps its rows and the columns travel around the
+devices block by block, the same value and gradient without any device holding the (N, N) matrix, which
+at a 32k batch with 20 regions per image would be 655k x 655k. Computing them per shard inside
+``shard_map`` instead would give each device only its own negatives (tests/test_losses.py checks that
+the check catches it).
 
 Loss-term table: ``LOSS_TERMS`` holds one ``LossTerm`` per weighted term: its default weight per
 method, its variants (``LossVariant``: the ``outputs`` and ``batch`` keys it reads and its function)
@@ -92,6 +96,10 @@ __all__ = [
     "l2_normalize",
     "scaled_cosine_logits",
     "masked_info_nce",
+    "grouped_info_nce",
+    "contrastive_form",
+    "pairwise_score_flops",
+    "info_nce_ring",
     "global_contrastive_loss",
     "sigmoid_contrastive_loss",
     "sigmoid_contrastive_loss_ring",
@@ -260,6 +268,93 @@ def sharded_sigmoid_loss(mesh, image_embed, text_embed, logit_scale, logit_bias,
     return fn(image_embed, text_embed, logit_scale, logit_bias)
 
 
+def _running_logsumexp(state, logits, mask):
+    """Adds one block's ``mask``ed entries to per-row running logsumexps ``state = (shift, total)``, value
+    log(total) + shift. The shift is the largest entry seen so far (no gradient: the value does not depend on it);
+    masked entries go through exp(-inf) = 0, so neither the value nor the gradient can overflow into NaN."""
+    shift, total = state
+    seen = total > 0
+    block_max = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    new = jnp.where(seen, jnp.maximum(shift, block_max), block_max)
+    new = jax.lax.stop_gradient(jnp.where(jnp.isfinite(new), new, 0.0))
+    rescaled = total * jnp.exp(jnp.where(seen, shift - new, 0.0))
+    return new, rescaled + jnp.sum(jnp.exp(jnp.where(mask, logits - new[:, None], -jnp.inf)), axis=-1)
+
+
+def _info_nce_ring_direction(rows, cols, valid, group, duplicates, scale, axis_name):
+    """One direction of ``grouped_info_nce`` inside ``shard_map``: (sum of the device's row losses, row count).
+
+    The device keeps its ``rows``; the ``cols`` block (with its validity and groups) travels around the ring, one
+    (b, b) logits block at a time, recomputed in the backward pass; running logsumexps carry the numerator
+    (positives) and the denominator (allowed columns) across blocks."""
+    n, me, b = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), rows.shape[0]
+    rows = l2_normalize(rows)
+    row_index = me * b + jnp.arange(b)
+
+    @jax.checkpoint
+    def block(states, cols, col_valid, col_group, source):
+        logits = scale * rows @ l2_normalize(cols).T
+        eye = row_index[:, None] == (source * b + jnp.arange(b))[None, :]
+        same = group[:, None] == col_group[None, :]
+        positive = (eye | same) if duplicates == "positive" else eye
+        allowed = (eye | ~same) if duplicates == "mask" else jnp.ones_like(eye)
+        num, den = states
+        return (_running_logsumexp(num, logits, positive & col_valid[None, :]),
+                _running_logsumexp(den, logits, allowed & col_valid[None, :]))
+
+    zeros = jnp.zeros_like(rows[:, 0])  # derived from the rows: varying over the ring, like the carries it starts
+    ring = [(i, (i + 1) % n) for i in range(n)]
+
+    def step(carry, s):  # a loop over all n blocks (the last ppermute is spare): one block's buffers live, any n
+        states, travelling = carry
+        states = block(states, *travelling, (me - s) % n)
+        return (states, tuple(jax.lax.ppermute(x, axis_name, ring) for x in travelling)), None
+
+    start = (((zeros, zeros), (zeros, zeros)), (cols, valid, group))
+    ((num, den), _), _ = jax.lax.scan(step, start, jnp.arange(n))
+    counted = valid & (num[1] > 0)  # rows with a valid positive, as in _multi_positive_nce
+    per_row = (jnp.log(jnp.where(counted, den[1], 1.0)) + den[0]) - (jnp.log(jnp.where(counted, num[1], 1.0)) + num[0])
+    return jnp.sum(jnp.where(counted, per_row, 0.0)), jnp.sum(counted.astype(jnp.float32))
+
+
+def info_nce_ring(queries, keys, logit_scale, valid, group, duplicates: str = "positive", axis_name="data"):
+    """``grouped_info_nce`` of the global batch, called inside ``shard_map`` over ``axis_name``: no device ever holds
+    more than a (b, b) block of the (N, N) logits, so a 32k-image batch with 20 regions each (655k x 655k region
+    logits) trains as readily as 256 images. Both directions are the same ring with rows and columns swapped (the
+    masks are symmetric). Returns the global value on every device."""
+    scale = jnp.exp(logit_scale)
+    total = 0.0
+    for rows, cols in ((queries, keys), (keys, queries)):
+        loss_sum, count = _info_nce_ring_direction(rows, cols, valid, group, duplicates, scale, axis_name)
+        loss_sum, count = jax.lax.psum((loss_sum, count), axis_name)
+        total = total + loss_sum / jnp.maximum(count, 1.0)
+    return total / 2
+
+
+def grouped_info_nce(queries, keys, logit_scale, valid=None, group=None, duplicates: str = "positive"):
+    """``masked_info_nce`` with its pair masks given per item: item i's positives are itself and, with
+    ``duplicates="positive"``, every item of the same ``group``; with ``duplicates="mask"`` the other items of its
+    group are removed from its negatives instead. In a `jax.set_mesh` context whose batch axes split the items, the
+    ring form (``info_nce_ring``; same value and gradient), else the dense (N, N) form."""
+    if duplicates not in _LRC_DUPLICATES:
+        raise ValueError(f"lrc duplicates must be one of {_LRC_DUPLICATES}, got {duplicates!r}")
+    n = queries.shape[0]
+    axes = _batch_mesh_axes(n)
+    if axes:
+        from jax.sharding import PartitionSpec as P
+
+        valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
+        group = jnp.arange(n) if group is None else group  # every item its own group: only the diagonal
+        fn = jax.shard_map(functools.partial(info_nce_ring, duplicates=duplicates, axis_name=axes),
+                           in_specs=(P(axes), P(axes), P(), P(axes), P(axes)), out_specs=P())
+        return fn(queries, keys, logit_scale, valid, group)
+    positive = negative = None
+    if group is not None:
+        same = group[:, None] == group[None, :]
+        positive, negative = (same, None) if duplicates == "positive" else (None, ~same)
+    return masked_info_nce(queries, keys, logit_scale, valid=valid, positive=positive, negative=negative)
+
+
 def _flatten_regions(x):
     return x.reshape(-1, x.shape[-1])
 
@@ -288,7 +383,6 @@ def span_mean_pool(token_embed, spans):
     valid = (start >= 0) & (end > start)
     position = jnp.arange(token_embed.shape[-2])
     weights = valid[..., None] & (position >= start[..., None]) & (position < end[..., None])  # (*rows, *extra, L)
-    extra = spans.shape[rows:-1]
     weights = weights.astype(jnp.float32).reshape(*spans.shape[:rows], -1, token_embed.shape[-2])
     summed = jnp.einsum("...kl,...le->...ke", weights, token_embed)
     pooled = summed / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
@@ -302,7 +396,7 @@ def span_mean_pool(token_embed, spans):
 
 def global_contrastive_loss(image_embed, text_embed, logit_scale):
     """GC: symmetric InfoNCE between image i and caption i over the global batch (open_clip ClipLoss)."""
-    return masked_info_nce(image_embed, text_embed, logit_scale)
+    return grouped_info_nce(image_embed, text_embed, logit_scale)
 
 
 def lexeme_region_contrastive_loss(region_embed, lexeme_embed, box_mask, lexeme_id, logit_scale, duplicates="positive"):
@@ -312,22 +406,8 @@ def lexeme_region_contrastive_loss(region_embed, lexeme_embed, box_mask, lexeme_
     (the same string) are extra positives (``duplicates="positive"``) or are removed from the
     negatives (``duplicates="mask"``); either way they are never pushed apart.
     """
-    if duplicates not in _LRC_DUPLICATES:
-        raise ValueError(f"lrc duplicates must be one of {_LRC_DUPLICATES}, got {duplicates!r}")
-    ids = lexeme_id.reshape(-1)
-    same = ids[:, None] == ids[None, :]
-    if duplicates == "positive":
-        positive, negative = same, None
-    else:
-        positive, negative = None, ~same
-    return masked_info_nce(
-        _flatten_regions(region_embed),
-        _flatten_regions(lexeme_embed),
-        logit_scale,
-        valid=box_mask.reshape(-1),
-        positive=positive,
-        negative=negative,
-    )
+    return grouped_info_nce(_flatten_regions(region_embed), _flatten_regions(lexeme_embed), logit_scale,
+                            valid=box_mask.reshape(-1), group=lexeme_id.reshape(-1), duplicates=duplicates)
 
 
 def lexeme_vocab_contrastive_loss(region_embed, lexeme_vocab_embed, box_mask, lexeme_id, logit_scale):
@@ -344,12 +424,8 @@ def lexeme_vocab_contrastive_loss(region_embed, lexeme_vocab_embed, box_mask, le
 
 def region_caption_loss(region_embed, region_text_embed, box_mask, logit_scale):
     """GR-a / FineCLIP L_RC: symmetric InfoNCE region j <-> its own region caption, valid regions only."""
-    return masked_info_nce(
-        _flatten_regions(region_embed),
-        _flatten_regions(region_text_embed),
-        logit_scale,
-        valid=box_mask.reshape(-1),
-    )
+    return grouped_info_nce(_flatten_regions(region_embed), _flatten_regions(region_text_embed), logit_scale,
+                            valid=box_mask.reshape(-1))
 
 
 def pooled_region_global_loss(region_embed, text_embed, box_mask, logit_scale):
@@ -360,7 +436,7 @@ def pooled_region_global_loss(region_embed, text_embed, box_mask, logit_scale):
     regions = l2_normalize(region_embed)
     weights = box_mask.astype(regions.dtype)[..., None]
     pooled = jnp.sum(regions * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
-    return masked_info_nce(pooled, text_embed, logit_scale, valid=jnp.any(box_mask, axis=1))
+    return grouped_info_nce(pooled, text_embed, logit_scale, valid=jnp.any(box_mask, axis=1))
 
 
 def cosine_distillation_loss(region_embed, target_embed, box_mask, stop_gradient=True):
@@ -549,6 +625,12 @@ def _batch_mesh_axes(batch_size: int) -> tuple[str, ...]:
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
     shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     return axes if axes and batch_size % shards == 0 else ()
+
+
+def contrastive_form(batch_size: int) -> str:
+    """"ring" where the current `jax.set_mesh` context splits a batch of ``batch_size`` images (the contrastive terms
+    then run as rings, see the module docstring), else "dense"."""
+    return "ring" if _batch_mesh_axes(batch_size) else "dense"
 
 
 def _gc_sigmoid(o, b, c):
@@ -762,6 +844,27 @@ def validate_loss_config(config) -> None:
 
 def _active(config) -> list[tuple[LossTerm, LossVariant]]:
     return [(t, t.variant(config)) for t in LOSS_TERMS if float(config.weights.get(t.name, 0.0)) != 0.0]
+
+
+def pairwise_score_flops(config, batch_size: int, regions: int, embed_dim: int, form: str) -> float:
+    """FLOPs of the pair scores (the N x N logits matmuls, 2 N^2 E per pass) of one step's value and gradient for a
+    loss ``config`` on ``batch_size`` images with ``regions`` slots each, in ``form`` ("ring" or "dense", see
+    ``contrastive_form``). Dense: forward + two backward matmuls; ring InfoNCE: per direction a forward, its
+    recomputation and two backward (8 passes); ring sigmoid: 4. Negligible at a 256 batch, twice the model's
+    at 32k images with 20 regions (655k x 655k), which XLA's cost analysis undercounts (it counts a loop body once)."""
+    passes = {"dense": {"softmax": 3, "sigmoid": 3}, "ring": {"softmax": 8, "sigmoid": 4}}[form]
+    regional = batch_size * regions
+    items = {_gc: (batch_size, "softmax"), _gc_sigmoid: (batch_size, "sigmoid"), _lrc_batch: (regional, "softmax"),
+             _region_caption: (regional, "softmax"), _pooled_region_global: (batch_size, "softmax")}
+    total = 0.0
+    for term, _ in _active(config):
+        fn = term.base_variant(config).fn
+        if fn is _lrc_sigmoid:  # no ring form: dense whatever the mesh
+            total += 3 * 2.0 * regional**2 * embed_dim
+        elif fn in items:
+            n, kind = items[fn]
+            total += passes[kind] * 2.0 * n**2 * embed_dim
+    return total
 
 
 def required_outputs(config) -> set[str]:

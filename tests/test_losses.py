@@ -1,7 +1,9 @@
 """HarmoCLIP loss family vs NumPy references, masking, duplicates, config API, and global-batch sharding."""
+import contextlib
 import math
 
 import jax
+import jax.numpy as jnp
 
 import numpy as np
 import pytest
@@ -395,6 +397,48 @@ def test_global_batch_check_catches_per_shard_losses():
         _assert_equals_global_batch_loss(config, per_shard, inputs, sharded)
 
 
+@pytest.mark.parametrize("method,overrides", ALL_VARIANT_CONFIGS)
+def test_losses_in_the_trainers_mesh_context_run_as_rings_with_the_global_batch_values(method, overrides):
+    """Under `jax.set_mesh` (as in the trainer) the InfoNCE terms take the ring form: same value and gradients."""
+    config, mesh, _, inputs, sharded = _sharded_inputs(method, overrides)
+    loss = jax.value_and_grad(lambda o, b: L.total_loss(config, o, b)[0])
+    want, want_grads = jax.jit(loss)(*inputs)
+    with jax.set_mesh(mesh):
+        got, grads = jax.jit(loss)(*sharded)
+        jaxpr = str(jax.make_jaxpr(loss)(*sharded))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+    for key in want_grads:
+        np.testing.assert_allclose(np.asarray(grads[key]), np.asarray(want_grads[key]), atol=1e-5, err_msg=key)
+    infonce = {"gc", "rc"} | ({"lrc"} if config.lrc_negatives == "batch" else set()) | \
+        ({"gr"} if config.gr_variant in ("a", "b") else set())
+    assert ("ppermute" in jaxpr) == bool(infonce & {t for t, w in config.weights.items() if w}), "ring form or not"
+
+
+@pytest.mark.parametrize("duplicates,grouped", [("positive", True), ("mask", True), ("positive", False)])
+def test_info_nce_ring_memory_falls_with_the_square_of_the_devices(duplicates, grouped):
+    """The ring holds (N/d, N/d) logits blocks, the dense form a (N/d, N) share: 4096 items, value and gradients,
+    compiled temporaries per device. From 2 to 8 devices the ring's fall 16x (the dense form's 4x; measured 14x and
+    4x), and on 8 devices the ring needs a ninth of the dense form's (asserted: under a quarter)."""
+    n, e = 4096, 8
+    valid = jnp.ones((n,), bool)
+    group = jnp.arange(n) % 100 if grouped else None
+
+    def loss(q, k):
+        return L.grouped_info_nce(q, k, jnp.float32(4.0), valid, group, duplicates)
+
+    def temporaries(devices, ring):
+        mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:devices])
+        rows = jax.ShapeDtypeStruct((n, e), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        with jax.set_mesh(mesh) if ring else contextlib.nullcontext():
+            return step.lower(rows, rows).compile().memory_analysis().temp_size_in_bytes
+
+    ring_2, ring_8, dense_8 = temporaries(2, True), temporaries(8, True), temporaries(8, False)
+    assert ring_2 / ring_8 > 8, (ring_2, ring_8)
+    assert ring_8 < dense_8 / 4, (ring_8, dense_8)
+
+
 # ---------------------------------------------------------------- behaviour pinned from the pre-table code
 # Computed once with losses.py as of commit a185648 (before the loss-term table), eager on CPU, inputs
 # make_inputs(21) with lexeme_id % V. Per config: required outputs, required batch keys, the float32 bit
@@ -528,3 +572,22 @@ def test_a_new_term_is_one_table_entry(monkeypatch):
     config.toy_key = "pixels"
     with pytest.raises(ValueError, match="toy_key='pixels'"):
         L.validate_loss_config(config)
+
+
+@pytest.mark.parametrize("method,overrides", [("harmoclip", {}), ("harmoclip", {"gr_variant": "b"}), ("fineclip", {})])
+def test_pairwise_score_flops_is_xlas_count_of_the_dense_loss(method, overrides):
+    """The analytic pair-score FLOPs (the roofline's loss share, `harmoclip_jax.aot`) against XLA's cost analysis of
+    the dense loss's value and gradient, at an embedding width where the matmuls dominate the elementwise work."""
+    b, t, e = 16, 8, 512
+    config = _config(method, overrides)
+    rng = np.random.default_rng(0)
+    outputs = {k: jnp.asarray(rng.normal(size=(b, t, e) if k.startswith("region") or k in ("lexeme_embed", "crop_embed")
+                                         else (b, e)), jnp.float32) for k in L.required_outputs(config) if k != "logit_scale"}
+    outputs["logit_scale"] = jnp.float32(math.log(1 / 0.07))
+    batch = {"box_mask": jnp.ones((b, t), bool), "lexeme_id": jnp.asarray(rng.integers(0, 50, (b, t)))}
+    batch = {k: batch[k] for k in L.required_batch_keys(config)}
+    compiled = jax.jit(jax.grad(lambda o: L.total_loss(config, o, batch)[0])).lower(outputs).compile()
+    xla = compiled.cost_analysis()["flops"]
+    analytic = L.pairwise_score_flops(config, b, t, e, "dense")
+    assert analytic == pytest.approx(xla, rel=0.1), (analytic, xla)
+    assert L.pairwise_score_flops(config, b, t, e, "ring") > 2 * analytic  # recomputed blocks, both directions

@@ -26,7 +26,12 @@ int, `file_name` bytes, `captions` list[bytes], and `regions` a dict of lists (`
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: importing tfds costs seconds, and the pipeline reads this module's constants
+    import tensorflow_datasets as tfds
 
 NO_LABEL = -1
 SEGMENTATION_IGNORE = 255  # mask pixels of no class (background, void)
