@@ -90,8 +90,6 @@ def table() -> str:
                                                                      for r in evals if "bytes_per_device" in r)
                                          if all(r["fits"] for r in evals) else "some do not fit")
         compile_s = sum(r["compile_s"] for r in report["programs"].values())
-        if t.get("contrastive_form") is None:  # compiled before the contrastive terms ran as rings (see the docs)
-            name += " (dense loss)"
         if "bytes_per_device" not in t:
             rows.append(f"| {name} | {target} | {t['global_batch']} | {t.get('compile_error', '')[:120]} | no | "
                         f"{largest} | | | | | {eval_fit} | {compile_s:.0f} s |")

@@ -318,13 +318,13 @@ def compile_config(config, target: Target, *, evals: bool = True, devices: list 
     common = {"target": target.name, "devices": n, "hosts": hosts, "mesh": dict(mesh.shape),
               "dtype": config.model.dtype, "remat": bool(config.model.remat),
               "grad_accum_steps": int(config.optim.grad_accum_steps)}
-    with jax.set_mesh(mesh):  # the loss terms' form for this mesh and microbatch (recorded with the numbers)
-        common["contrastive_form"] = losses.contrastive_form(config.batch_size // common["grad_accum_steps"])
-    analytic = accelerators.model_flops_per_image(trainer, batch) * config.batch_size / n
     accum = common["grad_accum_steps"]
-    loss_flops = accum * losses.pairwise_score_flops(config.loss, config.batch_size // accum,
-                                                     int(config.data.max_regions), trainer.glue.config.embed_dim,
-                                                     common["contrastive_form"]) / n
+    microbatch = config.batch_size // accum
+    with jax.set_mesh(mesh):  # the loss terms' form for this mesh and microbatch (recorded with the numbers)
+        common["contrastive_form"] = losses.contrastive_form(microbatch)
+    analytic = accelerators.model_flops_per_image(trainer, batch) * config.batch_size / n
+    loss_flops = accum * losses.pairwise_score_flops(config.loss, microbatch, int(config.data.max_regions),
+                                                     trainer.glue.config.embed_dim, common["contrastive_form"]) / n
     programs = {"train_step": (trainer.train_step, (state, batch, consts), config.batch_size, analytic)}
     if evals:
         for name, (fn, args) in _eval_programs(trainer).items():

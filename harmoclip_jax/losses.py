@@ -348,11 +348,14 @@ def grouped_info_nce(queries, keys, logit_scale, valid=None, group=None, duplica
         fn = jax.shard_map(functools.partial(info_nce_ring, duplicates=duplicates, axis_name=axes),
                            in_specs=(P(axes), P(axes), P(), P(axes), P(axes)), out_specs=P())
         return fn(queries, keys, logit_scale, valid, group)
-    positive = negative = None
-    if group is not None:
-        same = group[:, None] == group[None, :]
-        positive, negative = (same, None) if duplicates == "positive" else (None, ~same)
+    positive, negative = _group_masks(group, duplicates) if group is not None else (None, None)
     return masked_info_nce(queries, keys, logit_scale, valid=valid, positive=positive, negative=negative)
+
+
+def _group_masks(group, duplicates: str):
+    """The dense (positive, negative) masks of ``masked_info_nce`` for items grouped by ``group``."""
+    same = group[:, None] == group[None, :]
+    return (same, None) if duplicates == "positive" else (None, ~same)
 
 
 def _flatten_regions(x):
@@ -647,9 +650,7 @@ def _lrc_batch(o, b, c):
 
 
 def _lrc_sigmoid(o, b, c):
-    ids = b["lexeme_id"].reshape(-1)
-    same = ids[:, None] == ids[None, :]
-    positive, negative = (same, None) if c.lrc_duplicates == "positive" else (None, ~same)
+    positive, negative = _group_masks(b["lexeme_id"].reshape(-1), c.lrc_duplicates)
     return masked_sigmoid_loss(_flatten_regions(o["region_embed"]), _flatten_regions(o["lexeme_embed"]),
                                o["logit_scale"], o["logit_bias"], b["box_mask"].reshape(-1), positive, negative)
 
