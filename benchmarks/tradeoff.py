@@ -420,8 +420,8 @@ def write_report(rows: dict, study: Study, report_dir: pathlib.Path, command: st
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "tradeoff"), help="runs and checkpoints")
     parser.add_argument("--report_dir", default=str(ROOT / "docs"), help="where tradeoff.{md,json,png} go")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies pretraining and fine-tuning steps")

@@ -1,4 +1,6 @@
-"""Orbax checkpoints: a params-only export that loads with one call, and full training checkpoints.
+"""Orbax checkpoints: a params-only export that loads with one call, full training checkpoints, and a model read
+back from a training workdir (`load_workdir_model`; the workdir's layout is `workdir.py`, which this module imports
+and which imports nothing of it).
 
 Layout of a params checkpoint directory:
     DIR/model.json         {"family": ..., "config": ...}: the backbone family and its architecture config
@@ -269,3 +271,36 @@ class TrainCheckpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+# ------------------------------------------------------------------------------------- training workdirs
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a training workdir holding a model: its config and training checkpoints or the params
+    export (`workdir.py`)."""
+    path = pathlib.Path(path)
+    return workdir_lib.read_config(path) is not None and ((path / workdir_lib.CHECKPOINTS).is_dir()
+                                                         or is_params_checkpoint(path / workdir_lib.PARAMS))
+
+
+def load_workdir_model(workdir: str | os.PathLike, step: int | None = None, **overrides: Any) -> tuple[Any, str]:
+    """(model, description) of a training workdir: the params of checkpoint `step` (default: the latest, the newest
+    state), else the `params/` export. `overrides` change non-structural model fields (`dtype`, `remat`)."""
+    from harmoclip_jax import config_lib
+
+    workdir = pathlib.Path(workdir)
+    steps = workdir_lib.checkpoint_steps(workdir)
+    if step is None and not steps:
+        export = workdir / workdir_lib.PARAMS
+        return load_params(export, **overrides), f"params export {export}"
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"workdir {workdir} has no training checkpoint at step {step}; it has steps {steps}")
+    config = workdir_lib.read_config(workdir)
+    backbone = config_lib.backbone(config)
+    model_config = backbone.get_config(backbone.config_for(config_lib.model_section(config)), **overrides)
+    params = restore_params(workdir / workdir_lib.CHECKPOINTS / str(step) / STATE_ITEM,
+                            glue.abstract_params(backbone, model_config), key="params")
+    return glue.model_from_params(backbone, model_config, params), f"workdir {workdir}, training checkpoint step {step}"

@@ -4,11 +4,14 @@
         cli.run_absl(main, define_flags=_define_flags)     # absl programs (main, predict, convert)
         sys.exit(cli.run(main))                             # argparse programs (data.prepare, benchmarks/tradeoff.py)
 
+argparse programs build their parser with `cli.ArgumentParser` (argparse's, whose errors are one line too).
+
 An expected failure prints `error: WHAT` (one line, or a compact block for messages that are tables, such as a
 checkpoint mismatch report) to stderr and exits non-zero without a traceback:
 
 * errors in the arguments, raised while flags are defined or parsed (absl flags, ml_collections config files and
-  `--config.a.b=` overrides: typos keep ml_collections' "Did you mean" suggestion): exit code 2;
+  `--config.a.b=` overrides: typos keep ml_collections' "Did you mean" suggestion; argparse's errors through
+  `cli.ArgumentParser`, without its usage block): exit code 2;
 * `cli.Error` (`cli.UsageError`: exit code 2) raised by a main, and the failures a user can fix: `OSError` (missing
   or unreadable files), `ValueError` (bad values, mismatched checkpoints, bad inputs): exit code 1.
 
@@ -18,6 +21,7 @@ lines on every save/restore).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -42,6 +46,7 @@ class UsageError(Error):
 
 
 EXPECTED = (Error, OSError, ValueError)
+USAGE_CODE = 2  # argparse's and absl's exit code for bad arguments
 
 
 def verbose(argv: Sequence[str] | None = None) -> bool:
@@ -49,6 +54,18 @@ def verbose(argv: Sequence[str] | None = None) -> bool:
     argv = sys.argv if argv is None else argv
     env = os.environ.get(VERBOSE_ENV, "").strip().lower()
     return env not in ("", "0", "false", "no") or "--verbose" in argv[1:]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors (unknown or missing arguments, bad values, `parser.error(...)`) are one
+    line, `error: MESSAGE (see --help)`, exit code 2, instead of argparse's usage block followed by
+    `PROG: error: MESSAGE`. `--verbose` on the command line (or HARMOCLIP_VERBOSE=1) prints the usage first."""
+
+    def error(self, message: str):
+        if verbose():
+            self.print_usage(sys.stderr)
+        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_CODE)
 
 
 def quiet_startup() -> None:
@@ -166,8 +183,12 @@ def run_absl(main: Callable[[list[str]], int | None], define_flags: Callable[[],
             rest = flags.FLAGS(args)
         except SystemExit:
             raise
+        except flags.UnrecognizedFlagError as error:  # keeps absl's "Did you mean"; argparse's programs say the same
+            unknown = flags.Error(f"{describe(error, args)} (see --help)")
+            unknown.__cause__ = error
+            fail(unknown, USAGE_CODE, args)
         except Exception as error:  # noqa: BLE001 - anything raised while reading the arguments is the user's input
-            fail(error, 2, args)
+            fail(error, USAGE_CODE, args)
         if not flags.FLAGS["verbosity"].present:  # parsing --verbosity resets absl's level to INFO: quiet again
             absl_logging.set_verbosity(absl_logging.WARNING)
         return rest

@@ -235,6 +235,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
                              f"{num_devices // process_count} devices of each process")
     if config.log_every <= 0 or config.checkpoint.every <= 0:
         raise ValueError("config.log_every and config.checkpoint.every must be positive")
+    profile_steps(config)  # raises for a bad config.profile_steps
+    mode = (config.get("wandb") or {}).get("mode", "online")
+    if mode not in WANDB_MODES:
+        raise ValueError(f"config.wandb.mode={mode!r}; use one of {WANDB_MODES}")
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def profile_steps(config: ml_collections.ConfigDict) -> range:
+    """The steps `config.profile_steps` = (start, stop) traces: those logged as start..stop-1 (empty: none)."""
+    steps = tuple(config.get("profile_steps") or ())
+    if not steps:
+        return range(0)
+    if len(steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps) or \
+            not 1 <= steps[0] < steps[1]:
+        raise ValueError(f"config.profile_steps={config.profile_steps!r} must be (start, stop) with 1 <= start < "
+                         "stop, tracing the steps start..stop-1, e.g. --config.profile_steps='(10, 13)'; () traces "
+                         "none")
+    return range(*steps)
 
 
 # ------------------------------------------------------------------------------------------- base config
@@ -255,6 +275,16 @@ def base_config(method: str = "harmoclip") -> ml_collections.ConfigDict:
     c.eval_every = 500  # also at the end
     c.progress_bar = True
     c.plot = True
+    # Run logging (process 0; docs/training.md "Logging and profiling"): every metrics.jsonl record also goes to
+    # TensorBoard event files in workdir/tensorboard/, and to Weights & Biases when wandb.project is set (needs
+    # `pip install wandb`; mode "online", "offline" or "disabled"; entity and name: W&B's defaults when empty).
+    c.tensorboard = True
+    # At each eval, a picture for TensorBoard / W&B: a held-out image's boxes labelled by the current weights and a
+    # similarity map (inference/eval_picture.py; single-process runs).
+    c.eval_picture = True
+    c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "name": "", "mode": "online"})
+    # (start, stop): a jax.profiler trace of the train steps logged as start..stop-1 into workdir/profile/; () = none.
+    c.profile_steps = ()
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "clip"  # backbone family (harmoclip_jax/models/registry.py)

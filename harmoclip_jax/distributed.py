@@ -1,9 +1,39 @@
-"""Multi-process helpers (no-ops in a single process)."""
+"""Multi-process helpers (no-ops in a single process).
+
+Losing a process (README's multi-host launch): when one process dies (kill -9, a crash, its host going down), the
+next collective of each survivor fails at once (gloo: "Connection reset by peer"). `exit_if_process_lost`, called by
+the training loop with that error, checks which processes are gone and ends the survivor with one line naming them,
+the last checkpoint and what to do (relaunch every process: the relaunch resumes from that checkpoint), exit code
+`LOST_PROCESS_EXIT_CODE`, without waiting for jax's exit-time shutdown (which blocks on the dead process until the
+coordination service's heartbeat timeout, ~100 s, then aborts with a native stack dump).
+
+Process 0 hosts jax's coordination service. When *it* dies, each other process's coordination client notices the
+closed connection at once: XLA logs "Terminating process because the JAX distributed service detected fatal errors"
+and aborts (SIGABRT, a native stack dump) once it has symbolised its stack trace. The failed collective races it:
+the survivor finds the service's address closed (a TCP check, not the service's RPCs, which retry) and usually ends
+first (seen: 0.5 s after the kill), so its last line is the one line and its exit code LOST_PROCESS_EXIT_CODE, after
+XLA's message; otherwise it ends with XLA's abort. The advice is the same: relaunch every process. jaxlib's hook that
+would replace that termination (`missed_heartbeat_callback` of its distributed client) fails in this jax version
+(std::bad_cast).
+"""
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 
 import jax
+
+from harmoclip_jax import workdir as workdir_lib
+
+# Exit code of a survivor that ends because another process was lost: EX_TEMPFAIL (sysexits.h), "try again later":
+# a relaunch of every process resumes.
+LOST_PROCESS_EXIT_CODE = 75
+# How long a survivor waits for the other survivors to check in after a failed collective.
+PROBE_S = 5.0
+_PROBE_KEY = "harmoclip/alive/"
+_REPORT_LOCK = threading.Lock()
 
 
 def barrier(name: str, timeout_s: int = 3600) -> None:
@@ -70,3 +100,78 @@ def initialize_from_environment(environ=os.environ) -> bool:
             print("multi-process CPU run: the persistent compilation cache is off (processes that load programs "
                   "from it reach the gloo collectives apart from those that compile them)", flush=True)
     return True
+
+
+def lost_processes(timeout_s: float = PROBE_S) -> list[int]:
+    """After a failed collective: the processes that did not check in with the coordination service (each survivor
+    checks in, then waits until all have or `timeout_s` passed); [0] when the service (hosted by process 0) is
+    unreachable. Call it at most once per run."""
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    client, me, count = state.client, jax.process_index(), jax.process_count()
+    if me != 0 and state.coordinator_address and not _reachable(state.coordinator_address):
+        return [0]  # quick, where the service's RPCs would retry: XLA may already be terminating this process
+    try:
+        client.key_value_set(f"{_PROBE_KEY}{me}", "1")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            present = {int(key.rsplit("/", 1)[-1]) for key, _ in client.key_value_dir_get(_PROBE_KEY)}
+            if len(present) >= count or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - any failure to reach the service: its host, process 0, is gone
+        return [0] if me != 0 else []
+    return sorted(set(range(count)) - present)
+
+
+def _reachable(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether a TCP connection to `address` (HOST:PORT, the coordination service's) opens."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def lost_process_message(lost: list[int], count: int, workdir: str | os.PathLike, step: int | None) -> str:
+    """The one line a survivor prints: which processes were lost, the last checkpoint, relaunch every process."""
+    names = ", ".join(map(str, lost))
+    who = f"process {names} of {count} was" if len(lost) == 1 else f"processes {names} of {count} were"
+    at = f" at step {step}" if step is not None else ""
+    steps = workdir_lib.checkpoint_steps(workdir)
+    directory = os.path.join(os.fspath(workdir), workdir_lib.CHECKPOINTS)
+    if steps:
+        then = f"the last checkpoint is step {steps[-1]} in {directory}: relaunch every process with the same " \
+               "command to resume from it"
+    else:
+        then = "no checkpoint was written yet: relaunch every process with the same command to start over"
+    return f"{who} lost (killed, crashed or its host went down){at}; {then}"
+
+
+def exit_if_process_lost(error: BaseException, workdir: str | os.PathLike, step: int | None = None) -> None:
+    """In a multi-process run, when `error` (raised by a collective: a `jax.errors.JaxRuntimeError`) comes from
+    the loss of another process: print the one line of `lost_process_message` and end this process now
+    (`LOST_PROCESS_EXIT_CODE`; exit-time cleanup would wait on the dead process). Otherwise (one process, another
+    error, every process still there) return, and the caller re-raises."""
+    if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+        return
+    lost = lost_processes()
+    if not lost:
+        return
+    with _REPORT_LOCK:  # one line per process
+        from harmoclip_jax import cli
+
+        if cli.verbose():
+            import traceback
+
+            traceback.print_exception(error)
+        print(f"error: {lost_process_message(lost, jax.process_count(), workdir, step)}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        if jax.process_index() == 0 and len(lost) < jax.process_count() - 1:
+            time.sleep(PROBE_S)  # the coordination service lives here: let the other survivors finish their check
+        os._exit(LOST_PROCESS_EXIT_CODE)

@@ -1,16 +1,24 @@
-"""Label boxes of an image with a trained model: prints JSON, optionally draws the boxes with their top labels.
+"""Label boxes, map phrases, segment: a trained model on one image; prints JSON and draws PNGs.
 
     python -m harmoclip_jax.predict --checkpoint workdirs/demo --image photo.jpg \\
         --boxes "10,20,200,240;150,30,320,200" --labels "cat,dog,sofa" --out photo_labelled.png
     python -m harmoclip_jax.predict --open_clip ViT-B-16.pt --variant ViT-B/16 --image ... --boxes ... --labels ...
     python -m harmoclip_jax.predict --scene val:3 --save_scene scene.jpg      # a Scenes test image + its boxes
     python -m harmoclip_jax.predict --checkpoint workdirs/demo --scene val:3 --out scene_labelled.png
+    python -m harmoclip_jax.predict --checkpoint workdirs/demo --image photo.jpg --heatmap "a red car" "a bicycle"
+    python -m harmoclip_jax.predict --checkpoint workdirs/demo --image photo.jpg --segment car,road,sky --out seg.png
 
 --checkpoint takes a training workdir, a params checkpoint or a Hugging Face CLIPModel directory. Boxes are pixel
 x1,y1,x2,y2 of the image as stored (--box_format xywh / cxcywh for other layouts), separated by ';'. --scene
 SPLIT:INDEX uses image INDEX of a Scenes split (rendered at --scene_size px, seed 0: the `scenes/default`
 images; `val`/`test` are never trained on) with its ground-truth boxes and, unless --labels is given, the 36
 Scenes class names as labels.
+
+--heatmap PHRASE [PHRASE ...] draws where each phrase lights up (`Predictor.similarity_maps`: every patch feature
+against the phrase's embedding, at the image's size); --segment LABELS labels every pixel with one of the
+comma-separated labels (`Predictor.segment`; --background P leaves pixels whose best label has probability < P
+unlabelled). Both take --resolution R for large images: the shorter side resized to R pixels and model-sized windows
+slid over it. Their PNG goes to --out (default: IMAGE_heatmap.png / IMAGE_segment.png in the current directory).
 """
 from __future__ import annotations
 
@@ -38,6 +46,16 @@ _SHOW = flags.DEFINE_integer("show", 1, "Labels drawn per box in --out.")
 _SCENE = flags.DEFINE_string("scene", None, "SPLIT:INDEX of a Scenes image to use instead of --image/--boxes.")
 _SCENE_SIZE = flags.DEFINE_integer("scene_size", 128, "Size of the --scene image in pixels.")
 _SAVE_SCENE = flags.DEFINE_string("save_scene", None, "Write the --scene image to this file (JPEG/PNG).")
+_HEATMAP = flags.DEFINE_multi_string("heatmap", None, "Phrases to map over the image: --heatmap 'a red car' "
+                                      "'a bicycle' (the words after --heatmap; or repeat the flag).")
+_SEGMENT = flags.DEFINE_string("segment", None, "Zero-shot segmentation into these labels, comma-separated: "
+                               "'car,road,sky'.")
+_BACKGROUND = flags.DEFINE_float("background", None, "--segment: pixels whose best label's probability is below "
+                                 "this are left unlabelled.")
+_RESOLUTION = flags.DEFINE_integer("resolution", None, "--heatmap / --segment: slide model-sized windows over the "
+                                   "image resized to this shorter side (pixels), for large images.")
+_STRIDE = flags.DEFINE_integer("stride", None, "Window stride in pixels with --resolution (default ~2/3 of the "
+                               "model's input size).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).")
 
 
@@ -87,10 +105,47 @@ def _predictor():
     return Predictor.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, dtype=_DTYPE.value, **kwargs)
 
 
-def run() -> dict:
-    """Does what the flags ask; returns the JSON-able report that main prints."""
+def _dense_task(phrases: list[str]) -> dict:
+    """--heatmap / --segment on --image or --scene: the report, and the PNG written."""
+    if phrases and _SEGMENT.value is not None:
+        raise UsageError("give --heatmap or --segment, not both (one picture per run)")
+    if _BOXES.value or _LABELS.value or _LABELS_FILE.value:
+        raise UsageError("--heatmap and --segment take no --boxes / --labels: the phrases or labels follow the flag")
+    if _SCENE.value:
+        if _IMAGE.value:
+            raise UsageError("--scene replaces --image; give one or the other")
+        image = _scene(_SCENE.value, _SCENE_SIZE.value)[0]
+        image_name, stem = f"scenes:{_SCENE.value}@{_SCENE_SIZE.value}px", f"scene_{_SCENE.value.replace(':', '_')}"
+    elif _IMAGE.value:
+        image, image_name, stem = _IMAGE.value, _IMAGE.value, pathlib.Path(_IMAGE.value).stem
+    else:
+        raise UsageError("give --image (or --scene SPLIT:INDEX) to map or segment")
+    if not (_CHECKPOINT.value or _OPEN_CLIP.value):
+        raise UsageError("give --checkpoint (or --open_clip with --variant)")
+    from harmoclip_jax.inference import draw_segmentation, draw_similarity_maps
+
+    predictor = _predictor()
+    window = {"resolution": _RESOLUTION.value, "stride": _STRIDE.value}
+    if phrases:
+        result = predictor.similarity_maps(image, phrases, **window)
+        picture, kind = draw_similarity_maps(image, result), "heatmap"
+    else:
+        labels = [part.strip() for part in _SEGMENT.value.split(",")]
+        result = predictor.segment(image, labels, background=_BACKGROUND.value, **window)
+        picture, kind = draw_segmentation(image, result), "segment"
+    out = _OUT.value or f"{stem}_{kind}.png"
+    picture.save(out)
+    return {"checkpoint": predictor.source, "image": image_name, **result.to_dict(), "out": out}
+
+
+def run(phrases: list[str] | None = None) -> dict:
+    """Does what the flags ask (`phrases`: the --heatmap phrases); returns the JSON-able report that main prints."""
     from harmoclip_jax.inference import parse_boxes
 
+    if phrases or _SEGMENT.value is not None:
+        return _dense_task(phrases or [])
+    if _BACKGROUND.value is not None or _RESOLUTION.value is not None or _STRIDE.value is not None:
+        raise UsageError("--background, --resolution and --stride go with --heatmap or --segment")
     labels = _labels()
     truth = None
     if _SCENE.value:
@@ -134,9 +189,12 @@ def run() -> dict:
 
 
 def main(argv) -> None:
+    phrases = list(_HEATMAP.value or [])
     if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}")
-    print(format_report(run()))
+        if not phrases:  # words after --heatmap are more phrases; anywhere else they are a mistake
+            raise UsageError(f"unexpected arguments {argv[1:]}")
+        phrases += argv[1:]
+    print(format_report(run(phrases)))
 
 
 def format_report(report: dict) -> str:

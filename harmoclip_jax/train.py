@@ -28,10 +28,10 @@ import numpy as np
 import optax
 
 from harmoclip_jax import checkpoint as ckpt_lib
-from harmoclip_jax import accelerators, config_lib, distributed, evaluators, losses, optim, resume, sharding
+from harmoclip_jax import (accelerators, config_lib, distributed, evaluators, losses, metrics_writer, optim, resume,
+                           sharding)
 from harmoclip_jax import workdir as workdir_lib
 from harmoclip_jax.data import registry as data_registry
-from harmoclip_jax.metrics_writer import MetricsWriter
 from harmoclip_jax.models import glue as glue_lib
 from harmoclip_jax.models import registry
 from harmoclip_jax.models.backbone import ImageTextModel
@@ -485,7 +485,9 @@ def make_consts(trainer: Trainer, cache: TextEmbeddingCache | None, class_names:
 
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
-    """Stops at once, saying what to download and which command prepares it, if data or weights are missing."""
+    """Stops at once, saying what to download and which command prepares it, if data or weights are missing (or
+    what to install, if config.wandb asks for a missing package)."""
+    metrics_writer.check_wandb(config.get("wandb"))
     if config.init.mode == "params":
         path = config.init.params_dir
         if not path or not ckpt_lib.is_params_checkpoint(path):
@@ -558,6 +560,56 @@ class _StopRequest:
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
+class _StepProfiler:
+    """A jax.profiler trace of the train steps logged as `steps` (config.profile_steps) into `directory`. It starts
+    before the first of them fetches its batch and stops after the last, once its outputs are computed: dispatch is
+    asynchronous, so without that wait the trace would end before the device work it is for."""
+
+    def __init__(self, steps: range, directory: pathlib.Path, enabled: bool = True):
+        self.steps = steps if enabled else range(0)
+        self.directory = directory
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        """`step`: the number the coming step will be logged as."""
+        if not self.active and step in self.steps:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after_step(self, step: int, outputs: Any) -> None:
+        if self.active and step >= self.steps[-1]:
+            self.stop(outputs)
+
+    def stop(self, outputs: Any = None) -> None:
+        """Ends the trace (also when the run stops inside the range), after `outputs` are ready."""
+        if self.active:
+            jax.block_until_ready(outputs)
+            jax.profiler.stop_trace()
+            self.active = False
+            print(f"profile of steps {self.steps.start}..{self.steps.stop - 1} written to {self.directory} (open it "
+                  "with TensorBoard's profile plugin or XProf: docs/training.md)", flush=True)
+
+
+def _make_eval_picture(trainer: Trainer, config: ml_collections.ConfigDict,
+                       data_config: ml_collections.ConfigDict) -> Callable[[Any], np.ndarray | None] | None:
+    """The picture logged at each eval as `eval/picture` (TensorBoard, W&B): a function of the params that returns a
+    uint8 (height, width, 3) image (`inference/eval_picture.py`: a held-out image's boxes labelled by the current
+    weights and a similarity map), or None: off (`config.eval_picture`), nothing logs pictures, no eval split has
+    boxes, or a multi-process run (the picture runs on one device, which cannot gather the global params)."""
+    if not (config.eval_picture and config.evals and (config.tensorboard or config.wandb.project)) or \
+            jax.process_count() > 1:
+        return None
+    from harmoclip_jax.inference.eval_picture import make_eval_picture
+
+    return make_eval_picture(trainer.glue.merge, config, data_config.data_dir)
+
+
+def _write_eval_picture(writer: metrics_writer.RunWriter, eval_picture: Callable | None, step: int, params) -> None:
+    picture = eval_picture(params) if eval_picture is not None else None
+    if picture is not None:
+        writer.write_image(step, "eval/picture", picture)
+
+
 def _summary(trainer: Trainer, state) -> str:
     config = trainer.config
     params = state["params"]
@@ -612,7 +664,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     check_inputs(config)
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(workdir, enabled=is_main)
+    # metrics.jsonl, TensorBoard and W&B on process 0 (W&B's run starts here: a bad setting stops before training)
+    writer = metrics_writer.open_run_writer(workdir, config, enabled=is_main)
     writer.write_config(config)
     if is_main:
         steps = workdir_lib.checkpoint_steps(workdir)
@@ -632,7 +685,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                               fail_save_at_step=config.debug.fail_save_at_step)
     with jax.set_mesh(trainer.mesh):
         latest, state = checkpointer.restore_latest(trainer.abstract_state, train_iter)
-        writer.truncate_after(latest or 0)  # records after the checkpoint (or of a run that never saved) go
+        writer.truncate_after(latest or 0)  # records and events after the checkpoint (or of a run that never saved) go
         if latest is not None:
             print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
         else:
@@ -662,6 +715,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     context = evaluators.EvalContext(mesh=trainer.mesh, data_config=data_config, fns=trainer.eval_fns(),
                                      eval_batch_size=config.eval_batch_size)
     evals = {name: evaluators.build(name, ev, context) for name, ev in config.evals.items()}
+    eval_picture = _make_eval_picture(trainer, config, data_config)
+    profiler = _StepProfiler(config_lib.profile_steps(config), workdir / workdir_lib.PROFILE, enabled=is_main)
 
     step = int(jax.device_get(state["step"]))
     total = config.total_steps
@@ -677,11 +732,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     try:
         with jax.set_mesh(trainer.mesh), _StopRequest() as stop:
             while step < total:
-                local = next(train_iter)
-                batch = sharding.put_batch(prepare_batch(local, batch_keys, cache, config.region, vocab),
-                                           trainer.mesh)
-                state, metrics = trainer.train_step(state, batch, consts)
+                profiler.before_step(step + 1)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # the profiler's step markers
+                    local = next(train_iter)
+                    batch = sharding.put_batch(prepare_batch(local, batch_keys, cache, config.region, vocab),
+                                               trainer.mesh)
+                    state, metrics = trainer.train_step(state, batch, consts)
                 step += 1
+                profiler.after_step(step, (state, metrics))
                 metrics = jax.device_get(metrics)
                 if not (math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))):
                     checkpointer.wait()
@@ -702,6 +760,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 if evals and (step % config.eval_every == 0 or step == total):
                     eval_metrics = run_evals(evals, state["params"])
+                    _write_eval_picture(writer, eval_picture, step, state["params"])
                     final_metrics = eval_metrics
                     record = {**(record or {"step": step}), **eval_metrics}
                     if progress is not None:
@@ -724,10 +783,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             if not final_metrics and evals:  # resumed after the last step: evaluate the final state
                 final_metrics = run_evals(evals, state["params"])
                 writer.write({"step": step, **final_metrics})
+                _write_eval_picture(writer, eval_picture, step, state["params"])
         checkpointer.wait()
         if config.checkpoint.export_params:
             export_params(trainer, state["params"], workdir / workdir_lib.PARAMS)
+    except Exception as error:  # another process died: one line and exit now (the cleanup below would wait on it)
+        distributed.exit_if_process_lost(error, workdir, step)
+        raise
     finally:
+        profiler.stop()  # a run that stopped inside config.profile_steps
         if progress is not None:
             progress.close()
         checkpointer.close()

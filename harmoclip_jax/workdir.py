@@ -1,9 +1,14 @@
-"""The layout of a training workdir, in one place, and reading a model back from one (no training loop needed).
+"""The layout of a training workdir, in one place. Light to import (no JAX, no Orbax): `checkpoint.py` imports it,
+never the reverse; reading a model back from a workdir is `checkpoint.load_workdir_model`.
 
     WORKDIR/config.json          the experiment config of the run (`ml_collections` JSON)
     WORKDIR/checkpoints/STEP/    full training checkpoints (Orbax; `checkpoint.TrainCheckpointer`)
     WORKDIR/params/              params-only export at the end (`checkpoint.save_params`)
     WORKDIR/metrics.jsonl        one JSON object per logged step; WORKDIR/curves.png its plot
+    WORKDIR/tensorboard/         TensorBoard event files of the same records (`metrics_writer.TensorBoardSink`)
+    WORKDIR/wandb/               Weights & Biases run files (config.wandb; unless WANDB_DIR is set), and
+    WORKDIR/wandb_run_id.txt     the W&B run id a resumed run continues
+    WORKDIR/profile/             jax.profiler traces of config.profile_steps (plugins/profile/TIME/HOST.xplane.pb)
     WORKDIR/lexeme_vocab.json    LRC's lexeme vocabulary (lrc_negatives="vocab")
     WORKDIR/text_cache/          frozen-text-tower embeddings
     WORKDIR/config_history.jsonl one line per start/resume: accepted config changes (`resume.py`)
@@ -14,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any
 
 import ml_collections
 
@@ -23,6 +27,9 @@ CHECKPOINTS = "checkpoints"
 PARAMS = "params"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
+WANDB_RUN_ID = "wandb_run_id.txt"
+PROFILE = "profile"
 LEXEME_VOCAB = "lexeme_vocab.json"
 TEXT_CACHE = "text_cache"
 CONFIG_HISTORY = "config_history.jsonl"
@@ -45,14 +52,6 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict | None:
     if "vision_config" in data or "model" not in data:  # a Hugging Face model directory
         return None
     return ml_collections.ConfigDict(data)
-
-
-def is_workdir(path: str | os.PathLike) -> bool:
-    from harmoclip_jax import checkpoint
-
-    path = pathlib.Path(path)
-    return read_config(path) is not None and ((path / CHECKPOINTS).is_dir()
-                                             or checkpoint.is_params_checkpoint(path / PARAMS))
 
 
 def finished_steps(checkpoints: str | os.PathLike) -> list[int]:
@@ -79,25 +78,3 @@ def region_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict | Non
     merged = config_lib.base_config().region
     merged.update({k: v for k, v in config.region.items() if k in merged})
     return merged
-
-
-def load_model(workdir: str | os.PathLike, step: int | None = None, **overrides: Any) -> tuple[Any, str]:
-    """(model, description) of a training workdir: the params of checkpoint `step` (default: the latest, the newest
-    state), else the `params/` export. `overrides` change non-structural model fields (`dtype`, `remat`)."""
-    from harmoclip_jax import checkpoint, config_lib
-    from harmoclip_jax.models import glue
-
-    workdir = pathlib.Path(workdir)
-    steps = checkpoint_steps(workdir)
-    if step is None and not steps:
-        return checkpoint.load_params(workdir / PARAMS, **overrides), f"params export {workdir / PARAMS}"
-    if step is None:
-        step = steps[-1]
-    if step not in steps:
-        raise FileNotFoundError(f"workdir {workdir} has no training checkpoint at step {step}; it has steps {steps}")
-    config = read_config(workdir)
-    backbone = config_lib.backbone(config)
-    model_config = backbone.get_config(backbone.config_for(config_lib.model_section(config)), **overrides)
-    params = checkpoint.restore_params(workdir / CHECKPOINTS / str(step) / STATE_ITEM,
-                                       glue.abstract_params(backbone, model_config), key="params")
-    return glue.model_from_params(backbone, model_config, params), f"workdir {workdir}, training checkpoint step {step}"

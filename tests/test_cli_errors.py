@@ -163,6 +163,8 @@ def test_main_bad_flags_and_configs(tmp_path):
          "setup": "import warnings; warnings.filterwarnings('error', 'the load_module', DeprecationWarning)"},
         {"argv": [smoke, "--config.optim.lrr=1", workdir, "--verbose"]},
         {"argv": [smoke, "--config.optim.lrr=1", workdir], "env": {"HARMOCLIP_VERBOSE": "1"}},
+        {"argv": [smoke, workdir, "--nope"]},
+        {"argv": [smoke, "--config.profile_steps=(3,)", workdir]},
     ]
     results = run_cases("harmoclip_jax.main", cases, preload=("absl.flags", "ml_collections.config_flags",
                                                                "harmoclip_jax.config_lib", "harmoclip_jax.cli"))
@@ -176,9 +178,13 @@ def test_main_bad_flags_and_configs(tmp_path):
     assert_one_line_error(results[7], 1, "JAX_PROCESS_ID is not")
     assert_one_line_error(results[8], 1, "12 of 40 training records were bad")
     assert results[9] == results[1]
-    for verbose in results[10:]:
+    assert_one_line_error(results[12], 2, "Unknown command line flag 'nope'", "(see --help)")
+    for verbose in results[10:12]:
         assert verbose["code"] == 2 and "Traceback" in verbose["stderr"]
         assert verbose["stderr"].rstrip().splitlines()[-1].startswith("error: --config.optim.lrr")
+    bad_profile = next(r for c, r in zip(cases, results) if "--config.profile_steps=(3,)" in c["argv"])
+    assert_one_line_error(bad_profile, 1, "config.profile_steps=(3,) must be (start, stop) with 1 <= start < stop",
+                          "--config.profile_steps='(10, 13)'")
 
 
 def test_convert_unreadable_and_mismatched_weights(tmp_path):
@@ -216,8 +222,7 @@ def test_convert_unreadable_and_mismatched_weights(tmp_path):
     assert_one_line_error(results[5], 1, "unknown CLIP variant 'ViT-X'", "ViT-B/16")
     assert_one_line_error(results[6], 1, "is not a harmoclip_jax params checkpoint")
     assert_one_line_error(results[7], 2, "exactly one of --hf, --open_clip, --params", "--help")
-    assert results[8]["code"] != 0 and "bogus_flag" in results[8]["stderr"]
-    assert "Traceback" not in results[8]["stderr"]
+    assert_one_line_error(results[8], 2, "Unknown command line flag 'bogus_flag'", "(see --help)")
 
 
 def test_predict_bad_inputs(tmp_path):
@@ -227,6 +232,7 @@ def test_predict_bad_inputs(tmp_path):
         {"argv": ["--scene", "val:0", "extra"]},
         {"argv": []},
         {"argv": ["--checkpoint", str(tmp_path), "--scene", "val:0", "--labels", "a", "--labels_file", "x"]},
+        {"argv": ["--scen=val:0"]},
     ]
     results = run_cases("harmoclip_jax.predict", cases, preload=("absl.flags", "harmoclip_jax.cli",
                                                                   "harmoclip_jax.inference"))
@@ -235,6 +241,55 @@ def test_predict_bad_inputs(tmp_path):
     assert_one_line_error(results[2], 2, "unexpected arguments ['extra']")
     assert_one_line_error(results[3], 2, "give --image and --boxes (or --scene SPLIT:INDEX)")
     assert_one_line_error(results[4], 2, "--labels or --labels_file, not both")
+    assert_one_line_error(results[5], 2, "Unknown command line flag 'scen'", "Did you mean: scene", "(see --help)")
+
+
+def test_argument_parser_errors_are_one_line(capsys, monkeypatch):
+    """cli.ArgumentParser (every argparse program's): argparse's errors without its usage block; --verbose adds it."""
+    monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
+    parser = cli.ArgumentParser(prog="prog")
+    parser.add_argument("--n", type=int, required=True)
+    for argv, message in [(["--n", "1", "--nope"], "unrecognized arguments: --nope"),
+                          ([], "the following arguments are required: --n"),
+                          (["--n", "x"], "argument --n: invalid int value: 'x'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: {message} (see --help)\n"
+    monkeypatch.setenv(cli.VERBOSE_ENV, "1")
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: prog") and err.endswith("error: the following arguments are required: --n "
+                                                          "(see --help)\n")
+
+
+# The argparse programs of the package, and aot (absl, its flags parsed by config_lib's parser): each case's
+# (argv, exit code, fragments of the one error line). Their heavy imports are preloaded once by the driver.
+BAD_FLAGS = {
+    "harmoclip_jax.data.prepare": (("tensorflow_datasets", "harmoclip_jax.data.registry"), [
+        (["--dataset", "scenes", "--data_dir", "x", "--nope"], 2, "unrecognized arguments: --nope (see --help)"),
+        ([], 2, "the following arguments are required: --dataset, --data_dir (see --help)"),
+        (["--dataset", "nope", "--data_dir", "x"], 2, "argument --dataset: invalid choice: 'nope'"),
+        (["--dataset", "scenes", "--data_dir", "x", "--option", "k"], 2, "--option expects KEY=VALUE, got 'k'"),
+    ]),
+    "harmoclip_jax.data.scenes": (("tensorflow_datasets", "harmoclip_jax.data.lexemes"), [
+        (["--nope"], 2, "unrecognized arguments: --nope (see --help)"),
+        (["--split", "nope"], 2, "argument --split: invalid choice: 'nope'"),
+    ]),
+    "harmoclip_jax.aot": (("absl.flags", "ml_collections.config_flags", "harmoclip_jax.config_lib"), [
+        (["--nope"], 2, "Unknown command line flag 'nope' (see --help)"),
+    ]),
+}
+
+
+@pytest.mark.parametrize("module", sorted(BAD_FLAGS))
+def test_bad_flags_are_one_line(module):
+    preload, cases = BAD_FLAGS[module]
+    results = run_cases(module, [{"argv": argv} for argv, _, _ in cases], preload=("harmoclip_jax.cli", *preload))
+    for (argv, code, *fragments), result in zip(cases, results):
+        assert_one_line_error(result, code, *fragments)
+        assert "usage:" not in result["stderr"], (argv, result["stderr"][-2000:])
 
 
 def test_prepare_missing_dataset_files(tmp_path, capsys, monkeypatch):
@@ -268,3 +323,6 @@ def test_tradeoff_bad_arguments(tmp_path):
     assert_one_line_error({"code": (p := study("--report_only")).returncode, "stderr": p.stderr}, 1,
                           "no finished runs in", "run without --report_only first")
     assert os.path.exists(tmp_path / "w" / "study.json")
+    result = {"code": (p := study("--nope")).returncode, "stderr": p.stderr}
+    assert_one_line_error(result, 2, "unrecognized arguments: --nope (see --help)")
+    assert "usage:" not in p.stderr

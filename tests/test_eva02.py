@@ -203,6 +203,10 @@ def test_other_resolution_matches_timm_built_at_that_size(tmp_path, rng):
 
     predictor = Predictor.from_open_clip(tmp_path / "tiny.safetensors", "EVA02-test-tiny", image_size=128)
     assert predictor.backbone is eva02.BACKBONE and predictor.image_size == 128  # family from the variant name
+    image = (images[0] * 40 + 128).clip(0, 255).astype(np.uint8)[:, :96]  # the dense maps at a 96 x 128 image
+    maps = predictor.similarity_maps(image, ["a cat", "a dog"])
+    assert maps.cosine.shape == (2, 128, 96) and np.allclose(maps.probs.sum(0), 1.0, atol=1e-5)
+    assert predictor.segment(image, ["cat", "dog"], resolution=200).label_map.shape == (128, 96)
 
 
 def test_original_eva_clip_layout_matches_timm_checkpoint_filter(tmp_path, rng):

@@ -364,3 +364,134 @@ def test_predict_cli_open_clip_file_labels_file_templates_xywh(tmp_path):
     assert report["labels"] == ["cat", "dog", "sofa"] and report["image_size"] == [200, 120]
     assert [r["box"] for r in report["regions"]] == [[10, 20, 60, 60], [0, 0, 200, 120]]
     assert all(len(r["top"]) == 1 for r in report["regions"])
+
+
+# ------------------------------------------------------------------------------------------------- dense maps
+
+
+def _halves(width, height, vertical):
+    """A red / blue image split in two: left | right (`vertical` split line) or top / bottom."""
+    image = np.zeros((height, width, 3), np.uint8)
+    if vertical:
+        image[:, : width // 2, 0], image[:, width // 2:, 2] = 255, 255
+    else:
+        image[: height // 2, :, 0], image[height // 2:, :, 2] = 255, 255
+    return image
+
+
+def _colour_oracle(red, blue, p=16):
+    """An `_encode_patches` whose features are known: per p x p patch, `red` (a unit embedding) where the patch's
+    normalised red channel beats its blue one, else `blue`. Position-free, so only a right window placement and
+    upsampling put the labels where the colours are."""
+    def encode_patches(state, images):
+        images = np.asarray(images)
+        b, s = images.shape[:2]
+        grid = images.reshape(b, s // p, p, s // p, p, 3).mean((2, 4))
+        return np.where((grid[..., 0] > grid[..., 2])[..., None], red, blue).astype(np.float32)
+    return encode_patches
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+    from flax import nnx
+
+    from harmoclip_jax.models.clip import CLIP
+
+    return Predictor(CLIP("test-tiny", rngs=nnx.Rngs(5)), batch_size=4)  # 64 px input, 16 px patches: a 4 x 4 grid
+
+
+@pytest.mark.parametrize("width,height,vertical", [(90, 60, True), (60, 90, False)])
+def test_oracle_maps_and_labels_are_right_at_the_image_size(tiny_predictor, width, height, vertical):
+    labels = ["red thing", "blue thing"]
+    classes = tiny_predictor.class_embeddings(labels)
+    jitted = tiny_predictor._encode_patches
+    tiny_predictor._encode_patches = _colour_oracle(classes[0], classes[1])
+    try:
+        image = _halves(width, height, vertical)
+        truth = np.zeros((height, width), np.int32)
+        if vertical:
+            truth[:, width // 2:] = 1
+        else:
+            truth[height // 2:] = 1
+        seg = tiny_predictor.segment(image, labels)
+        assert seg.label_map.shape == (height, width) and seg.image_size == (width, height)
+        np.testing.assert_array_equal(seg.label_map, truth)  # every pixel, the boundary included
+        assert seg.areas() == {"red thing": 0.5, "blue thing": 0.5} and seg.grid == (4, 4) and seg.windows == 1
+        assert (seg.score > 0.5).all()  # softmax over two labels: the winner has more than half
+        # A background threshold above every winner's probability leaves all pixels unlabelled.
+        assert (tiny_predictor.segment(image, labels, background=0.999999).label_map == -1).all()
+        # Similarity maps of the same (oracle) features against texts whose embeddings are the two classes.
+        tiny_predictor.encode_texts = lambda texts, normalize=True: classes
+        maps = tiny_predictor.similarity_maps(image, labels)
+        assert maps.cosine.shape == maps.probs.shape == (2, height, width)
+        red = truth == 0
+        np.testing.assert_allclose(maps.cosine[0][red].max(), 1.0, atol=1e-5)  # the red class's own map peaks at 1
+        x, y = maps.peak(0)
+        assert red[y, x] and not red[maps.peak(1)[::-1]]
+        assert (maps.cosine[0][red] > maps.cosine[1][red]).all() and (maps.cosine[1][~red] > maps.cosine[0][~red]).all()
+        np.testing.assert_allclose(maps.probs.sum(0), 1.0, rtol=1e-5)  # CLIP: softmax over the texts per pixel
+    finally:
+        tiny_predictor._encode_patches = jitted
+        tiny_predictor.__dict__.pop("encode_texts", None)  # the method again
+
+
+def test_sliding_windows_cover_a_large_image_and_put_features_in_place(tiny_predictor):
+    labels = ["red thing", "blue thing"]
+    classes = tiny_predictor.class_embeddings(labels)
+    jitted = tiny_predictor._encode_patches
+    tiny_predictor._encode_patches = _colour_oracle(classes[0], classes[1])
+    try:
+        image = _halves(200, 100, vertical=True)
+        # Shorter side 100 px -> a 192 x 96 resize (multiples of the 16 px patch); 64 px windows every 32 px: 5 x 2.
+        seg = tiny_predictor.segment(image, labels, resolution=100)
+        assert seg.windows == 10 and seg.grid == (6, 12) and seg.label_map.shape == (100, 200)
+        truth = np.zeros((100, 200), np.int32)
+        truth[:, 100:] = 1
+        np.testing.assert_array_equal(seg.label_map, truth)
+        assert tiny_predictor.segment(image, labels, resolution=100, stride=64).windows == 3 * 2
+        with pytest.raises(InputError, match="stride=24 must be a multiple of the patch size 16"):
+            tiny_predictor.segment(image, labels, resolution=100, stride=24)
+        with pytest.raises(InputError, match="background=1.5 must be a probability"):
+            tiny_predictor.segment(image, labels, background=1.5)
+    finally:
+        tiny_predictor._encode_patches = jitted
+
+
+def test_dense_maps_of_a_trained_model_reuse_compiled_functions(predictor, tmp_path):
+    """The real model: maps equal the cosine of its own dense features and text embeddings, upsampled (ops.dense,
+    checked against PyTorch's bilinear in test_evaluators); repeated calls and sliding windows compile once."""
+    import jax.numpy as jnp
+
+    from harmoclip_jax.ops import dense as dense_ops
+
+    image = _photo(7, 150, 100)
+    texts = ["a red star", "a blue square", "a green cross"]
+    maps = predictor.similarity_maps(image, texts)
+    pixels, _ = predictor.preprocess(image)
+    dense = np.asarray(predictor.model.encode_dense(jnp.asarray(pixels[None])))[0]
+    want = dense_ops.upsample(dense_ops.patch_cosine(dense, predictor.encode_texts(texts)), (100, 150))
+    np.testing.assert_allclose(np.moveaxis(maps.cosine, 0, -1), want, atol=2e-5)
+    assert np.all((maps.probs > 0) & (maps.probs < 1))
+    before = dict(predictor.trace_counts)
+    predictor.similarity_maps(_photo(8, 40, 90), texts[:1])
+    windowed = predictor.segment(image, LABELS, resolution=160)
+    assert windowed.label_map.shape == (100, 150) and windowed.windows > predictor.batch_size  # several batches
+    assert predictor.trace_counts["patches"] == before["patches"] == 1
+
+
+def test_predict_cli_heatmap_and_segment_pngs(workdir, tmp_path):
+    report = json.loads(_run("-m", "harmoclip_jax.predict", "--checkpoint", str(workdir), "--scene", "test:1",
+                             "--heatmap", "a red star", "a blue square", cwd=tmp_path).stdout)
+    assert [m["text"] for m in report["maps"]] == ["a red star", "a blue square"]
+    assert report["image_size"] == [128, 128] and report["out"] == "scene_test_1_heatmap.png"
+    heatmap = Image.open(tmp_path / report["out"])
+    assert heatmap.width > 2.5 * heatmap.height  # three panels: the image and one per phrase
+    report = json.loads(_run("-m", "harmoclip_jax.predict", "--checkpoint", str(workdir), "--scene", "test:1",
+                             "--segment", "red star,blue square,green cross", "--resolution", "96", "--out", "seg.png",
+                             cwd=tmp_path).stdout)
+    assert report["windows"] > 1 and abs(sum(a["fraction"] for a in report["areas"]) - 1) < 1e-3
+    assert Image.open(tmp_path / "seg.png").size[0] > 0
+    both = _run("-m", "harmoclip_jax.predict", "--checkpoint", str(workdir), "--scene", "test:1", "--heatmap", "x",
+                "--segment", "a,b", cwd=tmp_path, check=False)
+    assert both.returncode == 2 and both.stderr.strip().splitlines()[-1].endswith(
+        "give --heatmap or --segment, not both (one picture per run) (usage: python -m harmoclip_jax.predict --help)")

@@ -2,6 +2,7 @@
 `parameters` cell, papermill-style; and they are committed without outputs."""
 import os
 import pathlib
+import re
 
 import nbformat
 import pytest
@@ -48,7 +49,8 @@ def test_quickstart(tmp_path, monkeypatch):
     text = _text(notebook)
     assert "t2i_r1" in text and "top1_micro" in text  # the tables
     assert "training checkpoint step 4: top-1 correct on" in text
-    assert _images(notebook) == 2  # curves, labelled scenes
+    assert _images(notebook) == 4  # curves, labelled scenes, similarity maps, label map
+    assert re.search(r"segment\(\) on 8 held-out scenes: mIoU 0\.\d{3}", text)
     assert (tmp_path / "run" / "params" / "model.json").exists()
 
 

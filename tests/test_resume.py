@@ -173,16 +173,63 @@ def test_disk_full_during_a_save_is_one_error_line_and_the_last_good_checkpoint_
     assert losses_by_step(workdir) == losses_by_step(base)
 
 
+def _descendants(pid):
+    """The pids of the live descendants of `pid` (Linux /proc)."""
+    out, todo = set(), [pid]
+    while todo:
+        for task in pathlib.Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:  # the process or thread ended meanwhile
+                continue
+            todo.extend(children - out)
+            out |= children
+    return out
+
+
+def _alive(pid):
+    """Whether `pid` runs (not a zombie waiting for its parent)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").exists(), reason="reads child pids from Linux /proc")
 def test_kill_9_then_rerun_resumes_with_identical_losses(base, tmp_path):
-    """Killed after step 3 (checkpoints every 2): the rerun resumes from step 2 and gives the uninterrupted run's
-    numbers, bitwise (same batches, same rng, same state, one device). Saves are synchronous here, so checkpoint 2
-    is complete; kills inside an async save: `test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run`."""
+    """Killed after step 3 (checkpoints every 2), with two grain workers: the workers exit within seconds of the
+    trainer (nothing of it is left running), and the rerun resumes from step 2 and gives the uninterrupted run's
+    numbers (no workers), bitwise (same batches, same rng, same state, one device). Saves are synchronous here, so
+    checkpoint 2 is complete; kills inside an async save:
+    `test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run`."""
     workdir = tmp_path / "killed"
-    sync = "--config.checkpoint.async_save=False"
-    proc = run_main(workdir, *BASE, sync, "--config.debug.kill_at_step=3", check=False)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    overrides = [*BASE, "--config.checkpoint.async_save=False", "--config.data.num_workers=2"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(main_command(workdir, *overrides, "--config.debug.kill_at_step=3"), cwd=ROOT,
+                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    workers = set()
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            workers |= _descendants(proc.pid)
+            time.sleep(0.05)
+        proc.wait(timeout=10)
+        killed = time.time()
+        while time.time() - killed < 10 and any(_alive(p) for p in workers):
+            time.sleep(0.1)
+        left = [p for p in workers if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in [p for p in workers if _alive(p)]:
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    assert len(workers) >= 2, workers  # the grain workers (and multiprocessing's resource tracker)
+    assert not left, f"still running 10 s after the trainer's SIGKILL: {left}"
+    print(f"{len(workers)} worker processes gone {time.time() - killed:.1f}s after the trainer's kill -9")
     assert max(losses_by_step(workdir)) == 3
-    resumed = run_main(workdir, *BASE, sync)
+    resumed = run_main(workdir, *overrides)
     assert "resumed" in resumed.stdout and "at step 2" in resumed.stdout
     expected, got = losses_by_step(base), losses_by_step(workdir)
     assert sorted(got) == [1, 2, 3, 4]

@@ -474,6 +474,10 @@ def test_tiny_siglip_trains_on_scenes_resumes_and_predicts(tmp_path):
     result = predictor.classify_regions(image, [[0, 0, 30, 20], [10, 5, 56, 40]], ["red circle", "blue star"])
     assert result.probs.shape == (2, 2) and np.all((result.probs > 0) & (result.probs < 1))
     assert not np.allclose(result.probs.sum(-1), 1.0)  # independent sigmoids, not a softmax
+    maps = predictor.similarity_maps(image, ["red circle", "blue star"])  # dense maps: sigmoid probabilities too
+    assert maps.cosine.shape == (2, 40, 56) and not np.allclose(maps.probs.sum(0), 1.0)
+    labels = predictor.segment(image, ["red circle", "blue star"], background=0.5, resolution=80)
+    assert labels.label_map.shape == (40, 56) and labels.windows > 1 and set(np.unique(labels.label_map)) <= {-1, 0, 1}
     np.testing.assert_allclose(predictor.preprocess(np.full((8, 8, 3), 255, np.uint8))[0], 1.0, rtol=1e-6)
 
 

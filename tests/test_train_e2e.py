@@ -30,6 +30,13 @@ def test_smoke_run_writes_everything_and_evaluates(tmp_path):
         assert key in last, key
     assert last["eval/retrieval/num_images"] == 72 and last["eval/retrieval/num_captions"] == 360
     assert json.loads((workdir / "config.json").read_text())["method"] == "harmoclip"
+    # TensorBoard: the eval's picture (labelled boxes and a similarity map of a held-out image) at the eval step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    (picture,) = events.Images("eval/picture")
+    assert picture.step == 4 and picture.width > 2 * picture.height > 300  # boxes | image + map
     # The params-only export loads with one call and embeds.
     from harmoclip_jax.checkpoint import load_params
 

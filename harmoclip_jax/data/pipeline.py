@@ -37,7 +37,8 @@ the record has no mask and on padding; `eval_regions=False` (default True) leave
 
 The train iterator (`TrainIterator`) has `get_state()` / `set_state()` (JSON: `{"position": i}`); a restored
 iterator continues with exactly the batches the original would have produced. Call `close()` when done
-(multiprocess workers). The eval iterators are grain `DatasetIterator`s.
+(multiprocess workers; a process killed without cleanup, kill -9, loses its workers within a second too:
+`_exit_with_parent`). The eval iterators are grain `DatasetIterator`s.
 
 Bad records: train repairs what it can (drops boxes that are non-finite, outside the image beyond float rounding or
 of zero area, and empty captions) and skips what it cannot (undecodable image, no usable caption), logs each, and
@@ -58,6 +59,9 @@ import hashlib
 import io
 import logging
 import math
+import os
+import threading
+import time
 from typing import Any, Sequence
 
 import grain
@@ -585,11 +589,33 @@ def _mark_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+# How often a grain worker checks that the process that started it is still alive.
+_PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int = 1) -> None:
+    """grain `worker_init_fn`: end this worker within `_PARENT_POLL_S` of the death of `parent_pid` (the process
+    that built the pipeline). Without it a trainer killed with SIGKILL (no cleanup runs) leaves its workers blocked
+    forever on a full output queue. A daemon thread polls `os.getppid()`: on POSIX a child whose parent dies is
+    re-parented (to init or a subreaper), so the pid changes. Not `prctl(PR_SET_PDEATHSIG)`: that fires when the
+    *thread* that forked the worker exits, and grain starts workers from helper threads that may end while the
+    trainer lives. On Windows processes are not re-parented, so this is a harmless no-op there."""
+    del worker_index, worker_count
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)  # the parent is gone: nobody reads what this worker makes; no cleanup to wait for
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _finish(ds: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
     if config.num_workers > 0:
         _mark_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
-                                                         per_worker_buffer_size=config.worker_buffer_size))
+                                                         per_worker_buffer_size=config.worker_buffer_size),
+                            worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
     return ds
 
 

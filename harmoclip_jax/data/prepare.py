@@ -103,7 +103,7 @@ def describe(builder) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=registry.prepare_names())
     parser.add_argument("--data_dir", required=True, help="where the TFDS ArrayRecord dataset is written")
     parser.add_argument("--manual_dir", help="the manually downloaded files (docs/datasets.md)")

@@ -29,7 +29,6 @@ See docs/scenes.md.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import io
@@ -39,6 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
+from harmoclip_jax import cli
 from harmoclip_jax.data.features import SEGMENTATION_IGNORE, no_segmentation, record_features
 from harmoclip_jax.data.lexemes import LexemeExtractor
 
@@ -635,15 +635,15 @@ def draw_preview(path: str, *, seed: int = 0, image_size: int = 128, num_pairs: 
     sheet.save(path)
 
 
-def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preview", metavar="PNG", help="write a picture of a few samples to this path")
     parser.add_argument("--build", metavar="CONFIG",
                         help="generate this config (default/small/tiny/ov/ov_small/ov_tiny) into --data_dir")
     parser.add_argument("--open_vocab", action="store_true", help="--preview: open-vocabulary text")
     parser.add_argument("--split", default="val", choices=sorted(_SPLIT_IDS), help="--preview: the split shown")
     parser.add_argument("--data_dir", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.preview:
         draw_preview(args.preview, open_vocab=args.open_vocab, split=args.split)
         print(f"wrote {args.preview}")
@@ -656,7 +656,10 @@ def _main() -> None:
         print(f"built scenes/{args.build} in {time.perf_counter() - start:.1f} s at {builder.data_dir}")
     if not (args.preview or args.build):
         parser.print_help()
+    return 0
 
 
 if __name__ == "__main__":
-    _main()
+    import sys
+
+    sys.exit(cli.run(_main))

@@ -29,6 +29,7 @@ from harmoclip_jax import sharding
 from harmoclip_jax.data.features import SEGMENTATION_IGNORE
 from harmoclip_jax.evaluators.box_classification import DEFAULT_TEMPLATES, class_embeddings, class_flags
 from harmoclip_jax.evaluators.common import EvalContext, class_metadata, eval_batches, eval_data_config, record_order
+from harmoclip_jax.ops import dense as dense_ops
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
@@ -94,17 +95,9 @@ def segmentation_metrics(confusion: np.ndarray, is_novel: Sequence[bool] | None 
 
 def predict_classes(dense, classes, size: int):
     """(B, h, w, E) dense features, (C, E) unit class embeddings -> (B, size, size) uint8 argmax class per pixel of
-    the bilinearly upsampled cosine logits (jax; jit it)."""
-    import jax
-    import jax.numpy as jnp
-
-    dense = dense.astype(jnp.float32)
-    dense = dense / jnp.maximum(jnp.linalg.norm(dense, axis=-1, keepdims=True), 1e-12)
-    logits = jnp.einsum("bhwe,ce->bhwc", dense, classes.astype(jnp.float32))
-    b, h, w, c = logits.shape
-    if (h, w) != (size, size):
-        logits = jax.image.resize(logits, (b, size, size, c), method="bilinear")
-    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+    the bilinearly upsampled cosine logits (jax; jit it). The scoring is `ops.dense`, shared with
+    `Predictor.segment`."""
+    return dense_ops.predict_classes(dense, classes, (size, size)).astype("uint8")
 
 
 class SegmentationEvaluator:

@@ -1,10 +1,14 @@
-"""Drawing predictions: boxes with their top labels on the image (kept apart from the predictor, as plotting is)."""
+"""Drawing predictions (kept apart from the predictor, as plotting is): boxes with their top labels, similarity
+maps as heat-map overlays, label maps with a colour legend."""
 from __future__ import annotations
 
+import textwrap
+
+import numpy as np
 from PIL import Image
 
 from harmoclip_jax.inference.inputs import ImageInput, load_pil_image
-from harmoclip_jax.inference.predictor import RegionClassification
+from harmoclip_jax.inference.predictor import RegionClassification, Segmentation, SimilarityMaps
 
 
 def _overlap(a, b) -> float:
@@ -60,3 +64,87 @@ def draw_regions(image: ImageInput, result: RegionClassification, *, min_side: i
         draw.multiline_text((tx + 3 - left, ty + 3 - top), text, fill="white", font=font, stroke_width=1,
                             stroke_fill="black")
     return picture
+
+
+def _render(fig) -> Image.Image:
+    """A bare matplotlib Figure (no pyplot: notebooks keep their backend) -> RGB PIL image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+
+
+def _panel_size(size: tuple[int, int], panel_inches: float) -> tuple[float, float]:
+    width, height = size
+    return (panel_inches, panel_inches * height / width) if width >= height else \
+        (panel_inches * width / height, panel_inches)
+
+
+def draw_similarity_maps(image: ImageInput, maps: SimilarityMaps, *, panel_inches: float = 3.2,
+                         alpha: float = 0.55) -> Image.Image:
+    """The image, then one panel per text: its cosine map over the image (one colour scale for every panel, so
+    panels compare; a colour bar), the text as the panel's title and a cross at the map's peak."""
+    from matplotlib.figure import Figure
+
+    picture = np.asarray(load_pil_image(image))
+    n = len(maps.texts) + 1
+    pw, ph = _panel_size(maps.image_size, panel_inches)
+    fig = Figure(figsize=(pw * n + 0.9, ph + 0.7), dpi=110, layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    low, high = float(maps.cosine.min()), float(maps.cosine.max())
+    axes[0].imshow(picture)
+    axes[0].set_title("image", fontsize=10)
+    shown = None
+    for t, (ax, text, cosine) in enumerate(zip(axes[1:], maps.texts, maps.cosine)):
+        ax.imshow(picture)
+        shown = ax.imshow(cosine, cmap="inferno", alpha=alpha, vmin=low, vmax=high)
+        ax.plot(*maps.peak(t), marker="+", color="cyan", markersize=12, markeredgewidth=2)
+        ax.set_title("\n".join(textwrap.wrap(f'"{text}"', 28)), fontsize=10)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.colorbar(shown, ax=list(axes), fraction=0.03, pad=0.01, label="cosine")
+    return _render(fig)
+
+
+def draw_segmentation(image: ImageInput, segmentation: Segmentation, *, panel_inches: float = 3.6,
+                      alpha: float = 0.6, max_legend: int = 12) -> Image.Image:
+    """The image beside its label map (colours over the image), with a legend of the labels present, largest share
+    of the pixels first. The `max_legend` largest get their own colour; the rest are grey, as "other"."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    picture = np.asarray(load_pil_image(image))
+    areas = {k: v for k, v in segmentation.areas().items() if k != "background"}
+    shown = list(areas)[:max_legend]
+    tones = colormaps["tab20"].colors
+    palette = [tones[i] for i in range(0, 20, 2) if i != 14] + [tones[i] for i in range(1, 20, 2) if i != 15]  # no grey
+    colours = np.full((len(segmentation.labels), 3), 0.55)  # "other": grey
+    index = {label: i for i, label in enumerate(segmentation.labels)}
+    for rank, label in enumerate(shown):
+        colours[index[label]] = palette[rank % len(palette)]  # the strong tones first
+    overlay = np.zeros((*segmentation.label_map.shape, 4), np.float32)
+    known = segmentation.label_map >= 0
+    overlay[known, :3] = colours[segmentation.label_map[known]]
+    overlay[known, 3] = alpha
+    pw, ph = _panel_size(segmentation.image_size, panel_inches)
+    fig = Figure(figsize=(2 * pw + 2.4, ph + 0.6), dpi=110, layout="constrained")
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    axes[0].imshow(picture)
+    axes[0].set_title("image", fontsize=10)
+    axes[1].imshow(picture)
+    axes[1].imshow(overlay)
+    axes[1].set_title("zero-shot labels" + (f" (none below p = {segmentation.background:g})"
+                                             if segmentation.background is not None else ""), fontsize=10)
+    for ax in axes:
+        ax.set_axis_off()
+    handles = [Patch(facecolor=colours[index[label]], label=f"{label} {areas[label]:.0%}") for label in shown]
+    rest = sum(areas[label] for label in list(areas)[max_legend:])
+    if rest:
+        handles.append(Patch(facecolor=(0.55,) * 3, label=f"{len(areas) - max_legend} other labels {rest:.0%}"))
+    background = segmentation.areas().get("background")
+    if background:
+        handles.append(Patch(facecolor="none", edgecolor="black", label=f"no label {background:.0%}"))
+    fig.legend(handles=handles, loc="outside right center", fontsize=9, frameon=False)
+    return _render(fig)

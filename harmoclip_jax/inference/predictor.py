@@ -33,6 +33,7 @@ from flax import nnx
 
 from harmoclip_jax import checkpoint as ckpt_lib
 from harmoclip_jax import workdir as workdir_lib
+from harmoclip_jax.data import images as image_lib
 from harmoclip_jax.data import pipeline
 from harmoclip_jax.evaluators.box_classification import DEFAULT_TEMPLATES, class_embeddings
 from harmoclip_jax.evaluators.common import l2_normalize
@@ -40,6 +41,7 @@ from harmoclip_jax.inference.inputs import (ImageInput, InputError, check_boxes,
                                             check_texts, image_list, model_input_boxes, read_image)
 from harmoclip_jax.models import registry
 from harmoclip_jax.models.backbone import ImageTextModel, image_text_logits, probabilities
+from harmoclip_jax.ops import dense as dense_ops
 from harmoclip_jax.ops.regions import region_embeddings
 from harmoclip_jax.tokenizer import get_tokenizer
 
@@ -95,6 +97,60 @@ class RetrievalResult:
                             for i, q in enumerate(self.queries)]}
 
 
+@dataclasses.dataclass
+class SimilarityMaps:
+    """`similarity_maps` output: one map per text at the input image's own size.
+
+    cosine[t, y, x]: cosine similarity of the patch features around pixel (x, y) and the embedding of texts[t]
+    (the patch grid's scores, bilinearly upsampled). probs[t, y, x]: the family's probabilities of the logits
+    exp(logit_scale) * cosine (+ logit_bias) at that pixel: softmax over the given texts for CLIP ("which of these
+    texts is here"; with one text it is 1 everywhere), an independent sigmoid per text for SigLIP.
+    """
+
+    texts: list[str]
+    image_size: tuple[int, int]  # (width, height) of the input image
+    cosine: np.ndarray  # (T, H, W) float32
+    probs: np.ndarray  # (T, H, W) float32
+    grid: tuple[int, int]  # (rows, columns) of patch features the maps come from
+    windows: int  # model passes (1, or the sliding windows at `resolution`)
+
+    def peak(self, t: int) -> tuple[int, int]:
+        """(x, y) pixel of the highest cosine of texts[t]."""
+        y, x = np.unravel_index(int(np.argmax(self.cosine[t])), self.cosine[t].shape)
+        return int(x), int(y)
+
+    def to_dict(self) -> dict:
+        return {"image_size": list(self.image_size), "grid": list(self.grid), "windows": self.windows,
+                "maps": [{"text": text, "max": round(float(self.cosine[t].max()), 4),
+                          "mean": round(float(self.cosine[t].mean()), 4), "peak_xy": list(self.peak(t))}
+                         for t, text in enumerate(self.texts)]}
+
+
+@dataclasses.dataclass
+class Segmentation:
+    """`segment` output: label_map[y, x] indexes `labels` (-1: background, below the `background` threshold);
+    score[y, x] is the family's probability of that pixel's best label (see `SimilarityMaps.probs`)."""
+
+    labels: list[str]
+    image_size: tuple[int, int]  # (width, height) of the input image
+    label_map: np.ndarray  # (H, W) int32
+    score: np.ndarray  # (H, W) float32
+    background: float | None
+    grid: tuple[int, int]
+    windows: int
+
+    def areas(self) -> dict[str, float]:
+        """Fraction of the image's pixels per label (and 'background' when thresholded), largest first."""
+        counts = np.bincount(self.label_map.reshape(-1) + 1, minlength=len(self.labels) + 1) / self.label_map.size
+        names = ["background", *self.labels]
+        return {names[i]: float(counts[i]) for i in np.argsort(-counts, kind="stable") if counts[i] > 0}
+
+    def to_dict(self) -> dict:
+        return {"image_size": list(self.image_size), "labels": self.labels, "background": self.background,
+                "grid": list(self.grid), "windows": self.windows,
+                "areas": [{"label": k, "fraction": round(v, 4)} for k, v in self.areas().items()]}
+
+
 # ----------------------------------------------------------------------------------------------- predictor
 
 
@@ -136,9 +192,9 @@ class Predictor:
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._class_cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
 
-        device = jax.devices()[0]
+        self._device = jax.devices()[0]
         graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state, device)
+        self._state = jax.device_put(state, self._device)
         patch = self.config.vision.patch_size
         region_config = self.region
         counts = self.trace_counts
@@ -157,9 +213,34 @@ class Predictor:
             return region_embeddings(dense, boxes, stride=patch, output_size=region_config.output_size,
                                      sampling_ratio=region_config.sampling_ratio)
 
-        self._encode_images = jax.jit(encode_images)
-        self._encode_texts = jax.jit(encode_texts)
-        self._encode_regions = jax.jit(encode_regions)
+        def encode_patches(state, images):
+            counts["patches"] += 1
+            return dense_ops.unit(nnx.merge(graphdef, state).encode_dense(images))
+
+        # Every call runs on the weights' device under a one-device mesh: a caller's mesh context (the trainer's,
+        # drawing its eval picture) would otherwise be jit's context mesh, incompatible with the weights' device.
+        one_device = jax.sharding.Mesh(np.asarray([self._device]), ("device",))
+
+        def on_device(fn):
+            def call(state, *arrays):
+                with jax.set_mesh(one_device):
+                    return fn(state, *(jax.device_put(a, self._device) for a in arrays))
+            return call
+
+        self._encode_images = on_device(jax.jit(encode_images))
+        self._encode_patches = on_device(jax.jit(encode_patches))
+        self._encode_texts = on_device(jax.jit(encode_texts))
+        self._encode_regions = on_device(jax.jit(encode_regions))
+
+    def set_weights(self, model: ImageTextModel) -> None:
+        """Swaps in the weights of `model`, a model of the same architecture, keeping the compiled functions (a
+        training run draws its eval picture with its current weights this way)."""
+        graphdef, state = nnx.split(model)
+        if jax.tree.structure(state) != jax.tree.structure(self._state):
+            raise ValueError("set_weights: the model's parameters do not match this predictor's architecture")
+        self._state = jax.device_put(state, self._device)
+        self.model = model
+        self._class_cache.clear()  # label embeddings of the old weights
 
     # ---------------------------------------------------------------------------------------- constructors
 
@@ -187,9 +268,9 @@ class Predictor:
             kwargs.setdefault("tokenizer", registry.of_model(model).tokenizer_in(path))
             return cls(model, region=workdir_lib.region_config(path.parent), source=f"params checkpoint {path}",
                        **kwargs)
-        if workdir_lib.is_workdir(path):
+        if ckpt_lib.is_workdir(path):
             try:
-                model, source = workdir_lib.load_model(path, step, **overrides)
+                model, source = ckpt_lib.load_workdir_model(path, step, **overrides)
             except FileNotFoundError as error:
                 raise InputError(str(error)) from error
             from harmoclip_jax import config_lib
@@ -376,3 +457,94 @@ class Predictor:
         cosine = self.encode_texts(queries) @ self.encode_images(inputs).T
         ranking = np.argsort(-cosine, axis=-1, kind="stable")[:, : min(int(top_k), len(inputs))]
         return RetrievalResult(queries=queries, images=names, cosine=cosine, ranking=ranking)
+
+    # -------------------------------------------------------------------------------------------- dense maps
+
+    def patch_features(self, image: ImageInput, *, resolution: int | None = None, stride: int | None = None
+                       ) -> tuple[np.ndarray, tuple[int, int], int]:
+        """Unit-norm patch features of one image in the joint space: ((rows, cols, E), (width, height), passes).
+
+        Without `resolution` the image is squashed to S x S as in training (one pass; the grid covers the whole
+        image, so its aspect ratio comes back when maps are upsampled to the image's size). With `resolution` the
+        image is resized (bicubic, aspect kept) so that its shorter side is about `resolution` pixels (each side a
+        multiple of the patch size, at least S) and S x S windows slide over it every `stride` pixels (default:
+        about 2/3 of S, a multiple of the patch size; mmseg's and CLIPSelf's sliding evaluation): every window is
+        a pass at the model's own input size, where its position embeddings were trained, and a patch seen by
+        several windows averages their unit features, so scores are the windows' mean cosine.
+        """
+        payload, size = read_image(image)
+        if resolution is None:
+            pixels, _ = self.preprocess(payload)
+            return np.asarray(self._encode_patches(self._state, self._batch_of([pixels])))[0], size, 1
+        s, p = self.image_size, self.config.vision.patch_size
+        if int(resolution) < 1:
+            raise InputError(f"resolution={resolution} must be a positive number of pixels")
+        stride = p * max(1, (2 * s // 3) // p) if stride is None else int(stride)
+        if stride < p or stride % p or stride > s:
+            raise InputError(f"stride={stride} must be a multiple of the patch size {p} between {p} and the model's "
+                             f"input size {s}")
+        scale = int(resolution) / min(size)
+        width, height = (max(s, p * round(side * scale / p)) for side in size)
+        pixels = image_lib.decode_drafted(payload, max(width, height))
+        from PIL import Image
+
+        pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BICUBIC))
+        pixels = image_lib.normalize_pixels(pixels, self.backbone.image_mean, self.backbone.image_std)
+        starts = lambda n: sorted({*range(0, n - s + 1, stride), n - s})  # noqa: E731 - the last window at the edge
+        corners = [(y, x) for y in starts(height) for x in starts(width)]
+        total, seen = 0.0, np.zeros((height // p, width // p, 1), np.float32)
+        for begin in range(0, len(corners), self.batch_size):
+            chunk = corners[begin:begin + self.batch_size]
+            features = np.asarray(self._encode_patches(self._state, self._batch_of(
+                [pixels[y:y + s, x:x + s] for y, x in chunk])))
+            if isinstance(total, float):
+                total = np.zeros((*seen.shape[:2], features.shape[-1]), np.float32)
+            for (y, x), f in zip(chunk, features):
+                total[y // p:(y + s) // p, x // p:(x + s) // p] += f
+                seen[y // p:(y + s) // p, x // p:(x + s) // p] += 1
+        return total / seen, size, len(corners)
+
+    def _batch_of(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Model inputs padded to the fixed batch size (no recompilation across calls)."""
+        batch = np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.float32)
+        batch[: len(pixels)] = pixels
+        return batch
+
+    def _pixel_maps(self, features: np.ndarray, embeddings: np.ndarray, size: tuple[int, int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(T, H, W) cosine and family probabilities at the image's (width, height) = `size`."""
+        cosine = dense_ops.upsample(dense_ops.patch_cosine(features, embeddings), (size[1], size[0]))
+        probs = probabilities(image_text_logits(self.model, cosine), self.backbone.probabilities)
+        return np.moveaxis(cosine, -1, 0), np.moveaxis(probs.astype(np.float32), -1, 0)
+
+    def similarity_maps(self, image: ImageInput, texts: Sequence[str], *, resolution: int | None = None,
+                        stride: int | None = None) -> SimilarityMaps:
+        """Where each text lights up: the cosine of every patch feature with each text's embedding (the text as
+        given, no prompt templates), upsampled to the image's own size and aspect ratio. `resolution` / `stride`:
+        sliding-window inference for large images (`patch_features`)."""
+        texts = check_texts(texts, "texts")
+        features, size, windows = self.patch_features(image, resolution=resolution, stride=stride)
+        cosine, probs = self._pixel_maps(features, self.encode_texts(texts), size)
+        return SimilarityMaps(texts=texts, image_size=size, cosine=cosine, probs=probs, grid=features.shape[:2],
+                              windows=windows)
+
+    def segment(self, image: ImageInput, labels: Sequence[str], *, templates: Sequence[str] | None = None,
+                background: float | None = None, resolution: int | None = None,
+                stride: int | None = None) -> Segmentation:
+        """Zero-shot semantic segmentation: each pixel gets the label whose prompt-ensemble embedding (as in
+        `classify_regions`) is most similar to its upsampled patch scores; the segmentation evaluator's method
+        (`ops.dense`), at the image's own size. With `background` (a probability in (0, 1)), pixels whose best
+        label's probability is below it are background (-1): for CLIP a softmax over the given labels, so it
+        marks pixels where no label clearly wins; for SigLIP an absolute sigmoid score."""
+        labels = check_labels(labels)
+        if background is not None and not 0.0 < float(background) < 1.0:
+            raise InputError(f"background={background} must be a probability in (0, 1), or None for no background")
+        features, size, windows = self.patch_features(image, resolution=resolution, stride=stride)
+        cosine, probs = self._pixel_maps(features, self.class_embeddings(labels, templates), size)
+        label_map = cosine.argmax(0).astype(np.int32)
+        score = np.take_along_axis(probs, label_map[None], 0)[0]
+        if background is not None:
+            label_map = np.where(score < float(background), -1, label_map)
+        return Segmentation(labels=labels, image_size=size, label_map=label_map, score=score,
+                            background=None if background is None else float(background), grid=features.shape[:2],
+                            windows=windows)

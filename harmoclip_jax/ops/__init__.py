@@ -1,1 +1,1 @@
-"""Pure jax.numpy ops: region pooling and box helpers (no Flax)."""
+"""Pure array ops: region pooling, box helpers, dense (per-patch) scoring, on-device resizing (no Flax)."""
