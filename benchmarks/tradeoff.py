@@ -163,6 +163,7 @@ def base_config(study: Study, method: str):
     c.region.distinct_lexemes = 0  # the demo's bound fits its 36 lexemes, not Scenes-OV's synonyms
     c.progress_bar = False
     c.plot = False
+    c.eval_picture = False  # the study reads the metrics; a picture per eval would add compiles to every run
     c.checkpoint.keep = 1
     c.checkpoint.async_save = False
     return c

@@ -605,7 +605,14 @@ def _make_eval_picture(trainer: Trainer, config: ml_collections.ConfigDict,
 
 
 def _write_eval_picture(writer: metrics_writer.RunWriter, eval_picture: Callable | None, step: int, params) -> None:
-    picture = eval_picture(params) if eval_picture is not None else None
+    if eval_picture is None:
+        return
+    try:
+        picture = eval_picture(params)
+    except Exception as error:  # noqa: BLE001 - a picture for the logs must not end a training run
+        print(f"warning: the eval picture of step {step} failed and is skipped ({type(error).__name__}: {error})",
+              file=sys.stderr, flush=True)
+        return
     if picture is not None:
         writer.write_image(step, "eval/picture", picture)
 

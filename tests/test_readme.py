@@ -158,6 +158,11 @@ def test_readme_commands_run(tmp_path):
     assert "workdirs/demo" in predict
     run(predict, tmp_path)
     assert (tmp_path / "labelled.png").exists()
+    # The dense maps of "Inference", as written: a heatmap and a label map of held-out scene test:1.
+    heatmap, segment = [c for c in by_module["harmoclip_jax.predict"] if "--heatmap" in c or "--segment" in c]
+    run(heatmap, tmp_path)
+    run(segment, tmp_path)
+    assert (tmp_path / "scene_test_1_heatmap.png").exists() and (tmp_path / "scene_test_1_segment.png").exists()
     # Conversion: HF -> ours, open_clip -> ours, ours -> HF.
     hf_in, open_clip_in, to_hf, eva02_in, siglip_in = by_module["harmoclip_jax.convert"]
     run(hf_in, tmp_path)
