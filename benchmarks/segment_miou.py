@@ -42,9 +42,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for index in range(args.scenes):
         scene = scenes.generate_example(0, "test", index, args.size)
-        truth = np.full((args.size, args.size), 255, np.uint8)
-        for obj, visible in zip(scene.objects, scene.masks):
-            truth[visible] = obj.label
+        truth = scenes.semantic_mask(scene)
         labels = predictor.segment(scene.image, names, resolution=args.resolution).label_map
         ours = ours + confusion_matrix(labels, truth, len(names))
         chance = chance + confusion_matrix(rng.integers(0, len(names), truth.shape), truth, len(names))

@@ -332,15 +332,14 @@ class Predictor:
 
     def _image_batches(self, inputs: Sequence[ImageInput], names: Sequence[str]):
         """Yields (n real images, (batch_size, S, S, 3) padded batch, sizes) over `inputs`."""
-        s = self.image_size
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start:start + self.batch_size]
-            batch = np.zeros((self.batch_size, s, s, 3), np.float32)
-            sizes = []
+            pixels, sizes = [], []
             for row, image in enumerate(chunk):
-                batch[row], size = self.preprocess(image, f"image {names[start + row]}")
+                x, size = self.preprocess(image, f"image {names[start + row]}")
+                pixels.append(x)
                 sizes.append(size)
-            yield len(chunk), batch, sizes
+            yield len(chunk), self._batch_of(pixels), sizes
 
     # ------------------------------------------------------------------------------------------- embeddings
 
@@ -392,11 +391,11 @@ class Predictor:
         out: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             chunk = range(start, min(start + self.batch_size, len(images)))
-            batch = np.zeros((self.batch_size, s, s, 3), np.float32)
-            model_boxes = []
-            for row, i in enumerate(chunk):
+            pixels, model_boxes = [], []
+            for i in chunk:
                 where = "image" if single else f"image {i}"
-                batch[row], size = self.preprocess(images[i], where)
+                x, size = self.preprocess(images[i], where)
+                pixels.append(x)
                 xyxy = check_boxes(per_image[i], size, box_format, where=f"boxes of {where}")
                 model_boxes.append(model_input_boxes(xyxy, size, s))
             slots = self.box_bucket * math.ceil(max(len(b) for b in model_boxes) / self.box_bucket)
@@ -405,7 +404,7 @@ class Predictor:
             padded = np.tile(np.asarray([0, 0, p, p], np.float32), (self.batch_size, slots, 1))
             for row, b in enumerate(model_boxes):
                 padded[row, : len(b)] = b
-            regions = np.asarray(self._encode_regions(self._state, batch, padded))
+            regions = np.asarray(self._encode_regions(self._state, self._batch_of(pixels), padded))
             out.extend(regions[row, : len(b)] for row, b in enumerate(model_boxes))
         return [l2_normalize(r) for r in out] if normalize else out
 
