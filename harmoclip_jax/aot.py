@@ -434,18 +434,25 @@ def linear_guess(totals: dict[int, int], capacity: int, step: int) -> int | None
 
 
 def max_batch(config, target: Target, *, devices: list | None = None, remats=(False, True),
-              precision: float = 1 / 8, log=print) -> dict[str, Any]:
+              precision: float = 1 / 8, log=print, compiled: dict | None = None) -> dict[str, Any]:
     """The largest global batch (a multiple of the data-parallel size) whose train step fits, with and without
     remat (`remats`), and the setting it recommends. Compiles the protocol batch and half of it, extrapolates their
     memory to the chip's capacity (`linear_guess`), and checks the guess: it fits and one step of `precision` more
     does not (four compiles). Where a check fails, or a compile cannot say its memory (a TPU refuses what does not
-    fit), bisection over compiles (`largest_fitting`) finishes from what is known."""
+    fit), bisection over compiles (`largest_fitting`) finishes from what is known. `compiled`: the train step's
+    report of `config` itself (`compile_config`), when the caller has it: that trial is not compiled again."""
     devices = devices or target_devices(target)
     n = len(devices)
     results: dict[str, Any] = {}
     for remat in remats:
         trials: dict[int, bool] = {}
         totals: dict[int, int] = {}
+        if (compiled is not None and bool(config.model.remat) == remat and config.optim.grad_accum_steps == 1
+                and config.batch_size % n == 0):  # the same program as the trial of config.batch_size
+            used = compiled.get("bytes_per_device", {}).get("total")
+            trials[config.batch_size] = bool(used <= target.chip.memory_bytes) if used else bool(compiled["fits"])
+            if used:
+                totals[config.batch_size] = used
 
         def fits(batch: int) -> bool:
             if batch not in trials:
@@ -532,7 +539,7 @@ def main(argv) -> None:
     out["programs"] = compile_config(config, target, evals=values.evals, devices=devices)
     if values.max_batch:
         print("largest batch (train step):", flush=True)
-        out["max_batch"] = max_batch(config, target, devices=devices)
+        out["max_batch"] = max_batch(config, target, devices=devices, compiled=out["programs"]["train_step"])
         print(out["max_batch"]["recommendation"], flush=True)
     if values.json:
         with open(values.json, "w") as f:

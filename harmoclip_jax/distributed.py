@@ -5,7 +5,10 @@ next collective of each survivor fails at once (gloo: "Connection reset by peer"
 the training loop with that error, checks which processes are gone and ends the survivor with one line naming them,
 the last checkpoint and what to do (relaunch every process: the relaunch resumes from that checkpoint), exit code
 `LOST_PROCESS_EXIT_CODE`, without waiting for jax's exit-time shutdown (which blocks on the dead process until the
-coordination service's heartbeat timeout, ~100 s, then aborts with a native stack dump).
+coordination service's heartbeat timeout, ~100 s, then aborts with a native stack dump). Not covered: a process lost
+while the survivors wait in a checkpoint save's barriers (Orbax's, on the coordination service, not gloo); they learn
+of it only at that heartbeat timeout, not within seconds. The relaunch resumes from the last finished checkpoint
+all the same.
 
 Process 0 hosts jax's coordination service. When *it* dies, each other process's coordination client notices the
 closed connection at once: XLA logs "Terminating process because the JAX distributed service detected fatal errors"

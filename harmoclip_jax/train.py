@@ -12,6 +12,7 @@ the batches and numbers an uninterrupted one would have produced.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -149,11 +150,18 @@ class Trainer:
 
     def init_state(self, params: Any | None = None) -> Any:
         """A fresh sharded training state; `params` (sharded, e.g. a loaded checkpoint) or a seeded init."""
-        sh = self.state_shardings
+        init_params, init_rest = self._jitted_init
         if params is None:
-            params = jax.jit(self.glue.init_params, static_argnums=0, out_shardings=sh["params"])(self.config.seed)
+            params = init_params(self.config.seed)
         else:
-            params = jax.device_put(params, sh["params"])
+            params = jax.device_put(params, self.state_shardings["params"])
+        return {"params": params, **init_rest(params)}
+
+    @functools.cached_property
+    def _jitted_init(self) -> tuple[Callable, Callable]:
+        """`init_state`'s two jitted functions (the parameters; the optimizer state, step, rng and teacher from
+        them), built once per trainer: new ones per call would trace and lower the whole init again each time."""
+        sh = self.state_shardings
 
         def rest(p):
             state = {"opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32),
@@ -163,7 +171,8 @@ class Trainer:
             return state
 
         out_sh = {k: v for k, v in sh.items() if k != "params"}
-        return {"params": params, **jax.jit(rest, out_shardings=out_sh)(params)}
+        return (jax.jit(self.glue.init_params, static_argnums=0, out_shardings=sh["params"]),
+                jax.jit(rest, out_shardings=out_sh))
 
     def tokenize(self, texts) -> np.ndarray:
         """Token ids of `texts` for this model (its family's tokenizer at config.model.context_length)."""

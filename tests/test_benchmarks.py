@@ -2,10 +2,10 @@
 object per case with the CPU it ran on). Timing itself is never asserted."""
 import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
+import warm_python
 from trainer_helpers import subprocess_env
 
 from harmoclip_jax.testing.machine import cpu_description
@@ -15,8 +15,7 @@ FORMAT = {"bench", "case", "unit", "ours", "reference", "reference_name", "speed
 
 
 def _cases(*args):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=400)
+    proc = warm_python.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = [x for x in proc.stdout.splitlines() if x.strip()]
     assert text and all(x.startswith("{") for x in text), proc.stdout[-2000:]  # stdout: JSON lines only
@@ -39,9 +38,8 @@ def test_train_step_benchmark_runs_each_family(family, variant, reference):
 
 
 def test_train_step_benchmark_refuses_a_reference_it_does_not_have():
-    proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--family", "eva02_clip", "--variant",
-                           "EVA02-test-tiny"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=200)
+    proc = warm_python.run([sys.executable, "benchmarks/train_step.py", "--family", "eva02_clip", "--variant",
+                           "EVA02-test-tiny"], cwd=ROOT, env=subprocess_env(), timeout=200)
     assert proc.returncode == 2 and "pass --skip_reference" in proc.stderr, proc.stderr[-2000:]
 
 

@@ -1,5 +1,4 @@
 """Orbax params checkpoints and the conversion CLI."""
-import subprocess
 import sys
 
 import jax
@@ -11,6 +10,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from harmoclip_jax import checkpoint
 from harmoclip_jax.models.clip import CLIP
+import warm_python
+from trainer_helpers import ROOT, subprocess_env
 
 
 def _params(model):
@@ -59,8 +60,8 @@ def test_save_refuses_to_overwrite_and_load_explains_missing(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "harmoclip_jax.convert", *args], capture_output=True, text=True,
-                          timeout=300)
+    return warm_python.run([sys.executable, "-m", "harmoclip_jax.convert", *args], cwd=ROOT, env=subprocess_env(),
+                           timeout=300)
 
 
 def test_convert_cli_hf_to_orbax_and_back(tmp_path):

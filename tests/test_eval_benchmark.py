@@ -1,10 +1,10 @@
 """benchmarks/eval.py at test size: our evaluators and the plain transformers + torch evaluation agree exactly."""
 import json
 import pathlib
-import subprocess
 import sys
 
 import torch  # noqa: F401 - dev requirement (requirements-dev.txt): a broken install fails, never skips
+import warm_python
 from trainer_helpers import subprocess_env
 
 from harmoclip_jax.testing.machine import cpu_description
@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_eval_benchmark_sides_compute_the_same_metrics():
     cmd = [sys.executable, "benchmarks/eval.py", "--variant", "test-tiny", "--image_size", "64", "--dataset",
            "scenes/tiny", "--batch", "24"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    proc = warm_python.run(cmd, cwd=ROOT, env=subprocess_env(), timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert [x["case"]["evaluator"] for x in lines] == ["retrieval", "box_classification"]

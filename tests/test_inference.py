@@ -4,7 +4,6 @@ import os
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
 
 import jax
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from harmoclip_jax.inference import InputError, Predictor, check_boxes, parse_boxes
+import warm_python
 from trainer_helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def _env():
 
 
 def _run(*args, cwd=ROOT, check=True):
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = warm_python.run([sys.executable, *args], cwd=cwd, env=_env(), timeout=240)  # `-m` CLIs: warm children
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -16,10 +16,10 @@ import json
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
 
 import pytest
+import warm_python
 from trainer_helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -72,8 +72,7 @@ def test_readme_command_is_valid(command):
     flags = [a for a in arguments if a.startswith("--")]
     plain = [f.split("=")[0] for f in flags if not f.startswith("--config.")]
     def usage(flag):  # absl modules print their flags for --helpfull (exit code 1), argparse ones for --help
-        return subprocess.run([sys.executable, *program, flag], capture_output=True, text=True, cwd=ROOT,
-                              timeout=120)
+        return warm_python.run([sys.executable, *program, flag], cwd=ROOT, env=subprocess_env(), timeout=120)
 
     helptext = usage("--helpfull")
     if helptext.returncode == 2:  # argparse: no such flag
@@ -139,10 +138,10 @@ def test_readme_commands_run(tmp_path):
     for command in COMMANDS:
         by_module.setdefault(command[2] if command[1] == "-m" else command[1], []).append(command)
 
-    def run(command, cwd):  # through bash, so that ~ is the temporary HOME as for a user
+    def run(command, cwd):  # ~ is the temporary HOME, as bash expands it for a user
         assert command[0] == "python"
-        line = " ".join(a if a.startswith("~/") else shlex.quote(a) for a in [sys.executable, *command[1:]])
-        proc = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+        line = [str(home / a[2:]) if a.startswith("~/") else a for a in [sys.executable, *command[1:]]]
+        proc = warm_python.run(line, cwd=cwd, env=env, timeout=400)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, (line, proc.stdout[-2000:],
                                                                           proc.stderr[-4000:])
         return proc

@@ -17,6 +17,7 @@ import pytest
 
 from harmoclip_jax import config_lib, resume
 from harmoclip_jax.metrics_writer import MetricsWriter, read_metrics
+import warm_python
 from trainer_helpers import losses_by_step, main_command, run_main, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_harmless_and_allowed_changes_resume_and_are_recorded_through_a_torn_met
 
 def test_second_run_on_a_live_workdir_is_refused_naming_the_holder_and_kill_9_frees_it(tmp_path):
     workdir = tmp_path / "run"
-    holder = subprocess.Popen(main_command(workdir, "--config.total_steps=100000", "--config.checkpoint.every=100000",
+    holder = warm_python.Popen(main_command(workdir, "--config.total_steps=100000", "--config.checkpoint.every=100000",
                                    "--config.log_every=1"),
                               cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # the holder takes the lock before it compiles: the second run is refused while the first compiles
@@ -206,7 +207,7 @@ def test_kill_9_then_rerun_resumes_with_identical_losses(base, tmp_path):
     overrides = [*BASE, "--config.checkpoint.async_save=False", "--config.data.num_workers=2"]
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(main_command(workdir, *overrides, "--config.debug.kill_at_step=3"), cwd=ROOT,
+        proc = warm_python.Popen(main_command(workdir, *overrides, "--config.debug.kill_at_step=3"), cwd=ROOT,
                                 env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     workers = set()
     try:
@@ -248,7 +249,7 @@ def test_double_ctrl_c_with_grain_workers_exits_at_once_and_the_workdir_resumes(
     overrides = ["--config.data.num_workers=2", "--config.checkpoint.every=2", "--config.log_every=1"]
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(main_command(workdir, "--config.total_steps=100000", *overrides, arg="smoke"), cwd=ROOT,
+        proc = warm_python.Popen(main_command(workdir, "--config.total_steps=100000", *overrides, arg="smoke"), cwd=ROOT,
                                 env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr,
                                 start_new_session=True)  # its own process group, like a terminal's foreground job
     try:
@@ -307,7 +308,7 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(name, t
     killed_mid_run = 0
     for seed in KILL_SEEDS:
         delay = random.Random(f"{name}:{seed}").uniform(0.0, 1.5)
-        proc = subprocess.Popen(main_command(workdir, *overrides, arg=arg), cwd=ROOT, env=subprocess_env(),
+        proc = warm_python.Popen(main_command(workdir, *overrides, arg=arg), cwd=ROOT, env=subprocess_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.time() + 180

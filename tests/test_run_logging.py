@@ -5,7 +5,6 @@ One module-scoped pair of real runs (`resumed_run`: 4 steps, then a resume that 
 end-to-end assertion; the rest works on event files written in-process (no training)."""
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 from harmoclip_jax import config_lib, metrics_writer, train
 from harmoclip_jax.metrics_writer import open_run_writer, read_metrics, truncate_event_files
+import warm_python
 from trainer_helpers import ROOT, main_command, subprocess_env
 
 # test_resume.py's `base` run plus W&B (the same train step: the persistent compilation cache serves it)
@@ -44,7 +44,7 @@ def _expected(records) -> dict:
 
 def _run(workdir, env, *overrides):
     cmd = main_command(workdir, *RUN, *overrides)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = warm_python.run(cmd, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 

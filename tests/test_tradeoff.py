@@ -2,9 +2,9 @@
 report (table, plot, JSON) covers them with seeds and spread, and a rerun resumes instead of retraining."""
 import json
 import pathlib
-import subprocess
 import sys
 
+import warm_python
 from trainer_helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _study(tmp_path, *args):
     cmd = [sys.executable, "benchmarks/tradeoff.py", "--smoke", "--seeds", "2", "--only", "clip,harmoclip_vocab",
            "--workdir", str(tmp_path / "study"), "--report_dir", str(tmp_path / "report"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    proc = warm_python.run(cmd, cwd=ROOT, env=subprocess_env(), timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -50,9 +50,8 @@ def test_smoke_study_reports_and_resumes(tmp_path):
     again = _study(tmp_path)
     assert "[tradeoff] run " not in again.stderr
     # A workdir belongs to one study.
-    clash = subprocess.run([sys.executable, "benchmarks/tradeoff.py", "--workdir", str(tmp_path / "study"),
-                            "--report_only"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                           timeout=120)
+    clash = warm_python.run([sys.executable, "benchmarks/tradeoff.py", "--workdir", str(tmp_path / "study"),
+                            "--report_only"], cwd=ROOT, env=subprocess_env(), timeout=120)
     assert clash.returncode != 0 and "other settings" in clash.stderr
 
 

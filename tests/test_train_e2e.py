@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from harmoclip_jax.metrics_writer import read_metrics
+import warm_python
 from trainer_helpers import losses_by_step, run_main, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     cmd = [sys.executable, "-m", "harmoclip_jax.main", "--config=configs/demo.py:smoke,noeval",
            f"--workdir={workdir}", "--config.progress_bar=False", "--config.plot=False",
            "--config.total_steps=100000", "--config.checkpoint.every=100000", "--config.log_every=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = warm_python.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 180
         while time.time() < deadline:

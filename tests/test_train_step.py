@@ -13,8 +13,20 @@ def _mesh(data, fsdp):
     return sharding.make_mesh([("data", data), ("fsdp", fsdp)], devices=jax.devices()[: data * fsdp])
 
 
+_TRAINERS = {}
+
+
+def _trainer(config, mesh):
+    """One trainer per (config, mesh) in this module: tests of the same setting share its traced and compiled train
+    step and state initialisation instead of building them again."""
+    key = (config.to_json_best_effort(sort_keys=True), tuple(mesh.shape.items()))
+    if key not in _TRAINERS:
+        _TRAINERS[key] = train.build_trainer(config, mesh)
+    return _TRAINERS[key]
+
+
 def _run(config, mesh, steps=STEPS):
-    trainer = train.build_trainer(config, mesh)
+    trainer = _trainer(config, mesh)
     with jax.set_mesh(mesh):
         state = trainer.init_state()
         losses = []
@@ -76,7 +88,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
     ckpt.close()
     for data, fsdp in [(2, 4), (1, 1)]:
         mesh = _mesh(data, fsdp)
-        trainer = train.build_trainer(config, mesh)
+        trainer = _trainer(config, mesh)
         restored = checkpoint.TrainCheckpointer(tmp_path / "ckpt").restore(1, trainer.abstract_state)
         leaves = jax.tree.leaves(restored)
         assert all(leaf.sharding.mesh.shape == mesh.shape for leaf in leaves if hasattr(leaf, "sharding"))
@@ -183,7 +195,7 @@ def test_distinct_region_texts_are_encoded_once_with_the_same_loss():
     patterns = synthetic_batch(4)["lexeme"].reshape(-1, 16)[:6]  # 6 lexeme strings, reused by every region
     batch["lexeme"] = patterns[batch["lexeme_id"]]
     batch["region_text"][1::2] = batch["region_text"][::2]  # half the region captions repeat
-    plain = train.build_trainer(tiny_config(), mesh)
+    plain = _trainer(tiny_config(), mesh)
     config = tiny_config()
     config.region.update(distinct_lexemes=8, distinct_region_texts=32)
     distinct = train.build_trainer(config, mesh)

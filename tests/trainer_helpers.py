@@ -81,11 +81,12 @@ def main_command(workdir, *overrides, arg="smoke,noeval") -> list[str]:
 
 
 def run_main(workdir, *overrides, arg="smoke,noeval", check=True, timeout=240):
-    """Runs `main_command` in a subprocess (one CPU device); with `check`, a failure shows its output's tail."""
-    import subprocess
+    """Runs `main_command` as a child of the warm server (`warm_python`: a fresh process without the imports; one
+    CPU device); with `check`, a failure shows its output's tail."""
+    import warm_python
 
     cmd = main_command(workdir, *overrides, arg=arg)
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    proc = warm_python.run(cmd, cwd=ROOT, env=subprocess_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
