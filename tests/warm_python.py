@@ -10,8 +10,9 @@ kills it, reads its /proc children and its lock file as it would a subprocess's.
 (tracing, compiling, training, writing, exiting) is what a fresh process does.
 
 `run` and `Popen` are drop-ins for `subprocess.run(..., capture_output=True, text=True)` and `subprocess.Popen` of a
-`python -m MODULE` or `python SCRIPT.py` command. A run whose environment differs from the server's in anything read at import time, or any other
-command, falls back to a plain subprocess; so does everything under HARMOCLIP_TESTS_COLD=1 (to compare).
+`python -m MODULE` or `python SCRIPT.py` command. A run whose environment differs from the server's in anything read
+at import time, or any other command, falls back to a plain subprocess; so does everything under
+HARMOCLIP_TESTS_COLD=1 (to compare).
 """
 from __future__ import annotations
 
@@ -165,7 +166,6 @@ class _Server:
     """This process's warm server (started on first use, killed at exit)."""
 
     def __init__(self, env: dict, cwd: str):
-        self.env = dict(env)
         self.directory = tempfile.mkdtemp(prefix="harmoclip-warm-")
         self.path = os.path.join(self.directory, "socket")
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path], cwd=cwd, env=env,
@@ -189,7 +189,6 @@ class _Server:
 # One server per environment (what is compared of it), started on first use; a few at most (each holds its imports).
 _SERVERS: dict[tuple, _Server] = {}
 _MAX_SERVERS = 3
-_LAUNCH = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def _server_for(command, cwd, env) -> _Server | None:
@@ -200,13 +199,13 @@ def _server_for(command, cwd, env) -> _Server | None:
     if len(command) < 2 or command[0] != sys.executable or not (
             command[1] == "-m" and len(command) > 2 or command[1].endswith(".py")):
         return None
-    env = dict(os.environ if env is None else env)
-    key = tuple(sorted(_comparable(env).items()))
+    comparable = _comparable(os.environ if env is None else env)  # also the server's own: it runs nothing per run
+    key = tuple(sorted(comparable.items()))
     server = _SERVERS.get(key)
     if server is None:
         if len(_SERVERS) >= _MAX_SERVERS:
             return None
-        server = _SERVERS[key] = _Server({k: v for k, v in env.items() if k not in _LAUNCH}, str(cwd or os.getcwd()))
+        server = _SERVERS[key] = _Server(comparable, str(cwd or os.getcwd()))
     return server if server.alive() else None  # one that died stays dead: plain subprocesses for that environment
 
 
