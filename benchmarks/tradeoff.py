@@ -105,6 +105,9 @@ class Study:
     finetune_lr: float = 1e-4
     seeds: tuple[int, ...] = (0, 1, 2)
     data_dir: str | None = None
+    # Held-out splits every run is evaluated on: "val" (the study's table) and, for the tuned sweep, "test" (never
+    # seen by the selection; its metrics are `<name>_test`).
+    eval_splits: tuple[str, ...] = ("val",)
 
     @classmethod
     def default(cls, scale: float = 1.0, num_seeds: int = 3, data_dir: str | None = None,
@@ -160,6 +163,11 @@ def base_config(study: Study, method: str):
     c.evals.seg = dict(type="segmentation", dataset=study.dataset, split="val")
     for ev in c.evals.values():
         ev.dataset = study.dataset
+    for split in study.eval_splits:
+        if split != "val":
+            for name, ev in list(c.evals.items()):
+                if ev.split == "val":
+                    c.evals[f"{name}_{split}"] = dict(ev.to_dict(), split=split)
     c.region.distinct_lexemes = 0  # the demo's bound fits its 36 lexemes, not Scenes-OV's synonyms
     c.progress_bar = False
     c.plot = False
@@ -213,24 +221,45 @@ def _result_path(run_dir: pathlib.Path) -> pathlib.Path:
     return run_dir / "result.json"
 
 
-def run_one(config, run_dir: pathlib.Path) -> dict:
-    """Trains+evaluates one run (resuming it if interrupted) unless its result.json exists; returns the result."""
+def _optional(name: str) -> bool:
+    """Whether report metric `name` (of any split) may be absent: base/novel exist on open-vocabulary data only."""
+    return any(name == m or name.startswith(m + "_") for m in OPTIONAL_METRICS)
+
+
+def split_metrics(splits: tuple[str, ...]) -> dict:
+    """METRICS for the held-out `splits`: "val" as named there, another split's as `<name>_<split>` (its evaluators
+    are `<evaluator>_<split>`, see base_config)."""
+    out = {}
+    for split in splits:
+        for name, key in METRICS.items():
+            _, evaluator, metric = key.split("/")
+            out[name if split == "val" else f"{name}_{split}"] = (
+                key if split == "val" else f"eval/{evaluator}_{split}/{metric}")
+    return out
+
+
+def run_one(config, run_dir: pathlib.Path, metric_keys: dict = METRICS) -> dict:
+    """Trains+evaluates one run (resuming it if interrupted) unless its result.json exists with every metric of
+    `metric_keys` (report name -> trainer metric); returns the result. A finished run whose result lacks some (a
+    split added later) is evaluated again from its last checkpoint, without training."""
     from harmoclip_jax import train
 
     path = _result_path(run_dir)
-    if path.exists():
-        return json.loads(path.read_text())
+    earlier = json.loads(path.read_text()) if path.exists() else None
+    if earlier and all(name in earlier["metrics"] or _optional(name) for name in metric_keys):
+        return earlier
     start = time.perf_counter()
     metrics = train.train_and_evaluate(config, run_dir)
-    missing = [m for name, m in METRICS.items() if m not in metrics and name not in OPTIONAL_METRICS]
+    missing = [m for name, m in metric_keys.items() if m not in metrics and not _optional(name)]
     steps = workdir_lib.checkpoint_steps(run_dir)
     if missing and (not steps or steps[-1] < config.total_steps):  # Ctrl-C / SIGTERM: the trainer saved and returned
         raise cli.Error(f"{run_dir}: stopped at step {steps[-1] if steps else 0} of {config.total_steps} (checkpoint "
                         "saved); rerun the same command to resume the study from there")
     if missing:
         raise RuntimeError(f"{run_dir}: the run finished without the metrics {missing}; got {sorted(metrics)}")
-    result = {"metrics": {name: float(metrics[key]) for name, key in METRICS.items() if key in metrics},
-              "steps": int(config.total_steps), "seed": int(config.seed), "seconds": time.perf_counter() - start}
+    result = {"metrics": {name: float(metrics[key]) for name, key in metric_keys.items() if key in metrics},
+              "steps": int(config.total_steps), "seed": int(config.seed),
+              "seconds": earlier["seconds"] if earlier else time.perf_counter() - start}  # training's, not a re-eval's
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
@@ -420,6 +449,21 @@ def write_report(rows: dict, study: Study, report_dir: pathlib.Path, command: st
 # ------------------------------------------------------------------------------------------------ main
 
 
+def stamp_workdir(workdir: pathlib.Path, study: Study) -> None:
+    """A workdir belongs to one study: mixing steps or datasets would average incomparable runs. Writes the study's
+    settings to `study.json` or refuses a workdir holding another's."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = workdir / "study.json"
+    described = json.dumps({k: v for k, v in dataclasses.asdict(study).items() if k not in ("seeds", "data_dir")},
+                           sort_keys=True)
+    if stamp.exists() and stamp.read_text() != described:
+        raise cli.UsageError(f"{workdir} holds a study with other settings ({stamp.read_text()}); use another "
+                             f"--workdir for {described}")
+    tmp = stamp.with_suffix(f".tmp{os.getpid()}")  # atomic: a second study process (--only) may be reading it
+    tmp.write_text(described)
+    os.replace(tmp, stamp)
+
+
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -446,17 +490,7 @@ def main(argv=None) -> int:
     else:
         study = Study.default(args.scale, args.seeds, args.data_dir, args.dataset, args.variant)
     workdir = pathlib.Path(args.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    # A workdir belongs to one study: mixing steps or datasets would average incomparable runs.
-    stamp = workdir / "study.json"
-    described = json.dumps({k: v for k, v in dataclasses.asdict(study).items() if k not in ("seeds", "data_dir")},
-                           sort_keys=True)
-    if stamp.exists() and stamp.read_text() != described:
-        raise cli.UsageError(f"{workdir} holds a study with other settings ({stamp.read_text()}); use another "
-                         f"--workdir for {described}")
-    tmp = stamp.with_suffix(f".tmp{os.getpid()}")  # atomic: a second study process (--only) may be reading it
-    tmp.write_text(described)
-    os.replace(tmp, stamp)
+    stamp_workdir(workdir, study)
     if not args.report_only:
         run_study(study, workdir, names)
     rows = collect(workdir, study)

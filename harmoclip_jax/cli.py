@@ -117,8 +117,9 @@ def _config_key_message(error: BaseException, argv: Sequence[str]) -> str | None
                        f"{option.choices[-1]} ({' and '.join(files)} {takes} {arg}=)")
             else:
                 how = f"set config.loss.{key} in a config file"
+            choices = f", choices {list(option.choices)}" if option.choices else ""
             return (f"{culprits[-1]}: {key!r} is an optional loss field, absent from this config (default "
-                    f"{option.default!r}, choices {list(option.choices)}); {how}")
+                    f"{option.default!r}{choices}); {how}")
     return f"{culprits[-1]}: the config has no field {key!r}" + (f" ({hint})" if hint else "") + \
         "; the fields are listed in the config file and harmoclip_jax/config_lib.py"
 

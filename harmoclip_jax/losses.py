@@ -58,7 +58,8 @@ Terms (``total_loss`` returns each one unweighted, plus ``total``):
           sigmoid loss over the same pairs (SigLIP models). ``lrc_text`` (optional field) picks the lexeme
           embedding: "lexeme" (default) the lexeme encoded as its own text; "tokens" the mean of the lexeme's
           token embeddings in one pass over the region caption (``lrc_token_source="region_caption"``) or the
-          global caption ("caption"), see ``span_mean_pool``.
+          global caption ("caption"), see ``span_mean_pool``. ``lrc_temperature`` (optional, > 0) fixes
+          LRC's temperature instead of sharing the learnable scale.
   gr      Global-Region alignment, variant a (region <-> region caption InfoNCE, = FineCLIP's L_RC),
           b (masked-mean pooled regions of an image <-> its global caption, InfoNCE over the batch) or
           c (1 - cos(region, stop_grad(student crop))).
@@ -643,21 +644,28 @@ def _gc_sigmoid(o, b, c):
     return sharded_sigmoid_loss(None, *args, axis_name=axes) if axes else sigmoid_contrastive_loss(*args)
 
 
+def _lrc_logit_scale(o, c):
+    """LRC's scale: the shared learnable ``logit_scale``, or with ``lrc_temperature`` T > 0 (optional field) the
+    fixed log(1/T), which leaves the shared scale to GC (FG-CLIP-style separate region temperature)."""
+    temperature = float(c.get("lrc_temperature", 0.0))
+    return o["logit_scale"] if temperature == 0.0 else jnp.asarray(-np.log(temperature), o["logit_scale"].dtype)
+
+
 def _lrc_batch(o, b, c):
     return lexeme_region_contrastive_loss(
-        o["region_embed"], o["lexeme_embed"], b["box_mask"], b["lexeme_id"], o["logit_scale"], c.lrc_duplicates
+        o["region_embed"], o["lexeme_embed"], b["box_mask"], b["lexeme_id"], _lrc_logit_scale(o, c), c.lrc_duplicates
     )
 
 
 def _lrc_sigmoid(o, b, c):
     positive, negative = _group_masks(b["lexeme_id"].reshape(-1), c.lrc_duplicates)
     return masked_sigmoid_loss(_flatten_regions(o["region_embed"]), _flatten_regions(o["lexeme_embed"]),
-                               o["logit_scale"], o["logit_bias"], b["box_mask"].reshape(-1), positive, negative)
+                               _lrc_logit_scale(o, c), o["logit_bias"], b["box_mask"].reshape(-1), positive, negative)
 
 
 def _lrc_vocab(o, b, c):
     return lexeme_vocab_contrastive_loss(
-        o["region_embed"], o["lexeme_vocab_embed"], b["box_mask"], b["lexeme_id"], o["logit_scale"]
+        o["region_embed"], o["lexeme_vocab_embed"], b["box_mask"], b["lexeme_id"], _lrc_logit_scale(o, c)
     )
 
 
@@ -724,7 +732,8 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
             "batch": LossVariant(("region_embed", "lexeme_embed", "logit_scale"), _MASK_IDS, _lrc_batch),
             "vocab": LossVariant(("region_embed", "lexeme_vocab_embed", "logit_scale"), _MASK_IDS, _lrc_vocab),
         },
-        options=(LossOption("lrc_duplicates", "positive", _LRC_DUPLICATES),),
+        options=(LossOption("lrc_duplicates", "positive", _LRC_DUPLICATES),
+                 LossOption("lrc_temperature", 0.0, optional=True)),
         form=("lrc_form", "softmax"),
         form_variants={
             "sigmoid": LossVariant(("region_embed", "lexeme_embed", "logit_scale", "logit_bias"), _MASK_IDS,
@@ -839,6 +848,10 @@ def validate_loss_config(config) -> None:
                              f"{list(term.inputs.provides)}, which {selector}={config[selector]!r} does not read; "
                              f"use {term.select}={next(iter(term.variants))!r} or {term.inputs.field}="
                              f"{term.inputs.default!r}")
+    temperature = config.get("lrc_temperature", 0.0)
+    if not isinstance(temperature, (int, float)) or not 0.0 <= temperature < 1.0:
+        raise ValueError(f"loss config: lrc_temperature={temperature!r} must be 0 (LRC shares the learnable "
+                         "logit_scale) or a fixed temperature in (0, 1), e.g. 0.01")
     if not any(float(config.weights[t]) != 0.0 for t in config.weights.keys()):
         raise ValueError("loss config: every loss weight is zero; enable at least one term")
 

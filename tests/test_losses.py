@@ -176,6 +176,33 @@ def test_lrc_vocab_negatives():
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 
+def test_lrc_fixed_temperature():
+    """lrc_temperature=T: LRC's logits use the constant 1/T (batch and vocabulary negatives), GC keeps the learnable
+    scale, and the scale's gradient comes from GC alone; 0 (absent) is the shared scale; bad values are refused."""
+    def with_temperature(temperature, **overrides):
+        config = _config("harmoclip", overrides)
+        config.weights.update(gr=0.0)
+        config.lrc_temperature = temperature  # an optional field: absent from the defaults
+        return config
+
+    outputs, batch = make_inputs(13)
+    batch["lexeme_id"] = batch["lexeme_id"] % V
+    for negatives in ("batch", "vocab"):
+        config, shared_scale = with_temperature(0.05, lrc_negatives=negatives), with_temperature(0.0, lrc_negatives=negatives)
+        _, terms = L.total_loss(config, _select(outputs, config), batch)
+        fixed = {**outputs, "logit_scale": np.float32(math.log(20.0))}
+        _, want = L.total_loss(shared_scale, _select(fixed, config), batch)
+        np.testing.assert_allclose(float(terms["lrc"]), float(want["lrc"]), rtol=1e-5)
+        _, shared = L.total_loss(shared_scale, _select(outputs, config), batch)
+        assert abs(float(shared["lrc"]) - float(terms["lrc"])) > 1e-3  # exp(logit_scale) = 4 here, not 20
+        config.weights.update(gc=0.0)  # LRC alone: nothing reaches the learnable scale
+        grads = jax.grad(lambda o: L.total_loss(config, o, batch)[0])(_select(outputs, config))
+        assert float(grads["logit_scale"]) == 0.0 and np.asarray(grads["region_embed"]).any()
+    for bad in (-0.1, 1.5, "0.01"):
+        with pytest.raises(ValueError, match="lrc_temperature"):
+            L.required_outputs(with_temperature(bad))
+
+
 # ---------------------------------------------------------------- GR variants, SD, concept
 
 
