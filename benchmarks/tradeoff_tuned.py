@@ -541,14 +541,16 @@ def plot(data: dict, path: pathlib.Path, title: str) -> None:
                 ax.errorbar(row["mean"]["box_top1_novel_test"], row["mean"][y_metric],
                             xerr=row["std"]["box_top1_novel_test"], yerr=row["std"][y_metric], fmt=marker, ms=9,
                             color="black", capsize=3,
-                            label="GC-only, continued (3 seeds)" if name == "reference" else "pretrained CLIP")
+                            label=f"GC-only, continued ({len(row['seeds'])} seeds)" if name == "reference"
+                            else "pretrained CLIP")
         if data["reference"] and y_metric in data["reference"]["mean"]:
             ax.axhline(data["reference"]["mean"][y_metric], color="black", ls=":", lw=1)
         ax.set_xlabel("box classification top-1, novel classes (per-class mean), test")
         ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
-    axes[0].set_title("every configuration (seed 0); lines: Pareto fronts; stars: balanced picks, 3 seeds")
+    seeds = len(data["reference"]["seeds"]) if data["reference"] else 0
+    axes[0].set_title(f"every configuration (seed 0); lines: Pareto fronts; stars: balanced picks, {seeds} seeds")
     axes[1].set_title("dense quality")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -159,7 +159,9 @@ def _masked_logsumexp(logits, mask):
     masked = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(masked, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), jax.lax.stop_gradient(row_max), 0.0)
-    summed = jnp.sum(jnp.where(mask, jnp.exp(logits - row_max), 0.0), axis=-1)
+    # Masked before the exp, not after: a masked-out logit far above the row's max (more than ~88 at CLIP's maximal
+    # scale of 100) overflows exp to inf, and where's zero cotangent times inf is a NaN gradient.
+    summed = jnp.sum(jnp.exp(jnp.where(mask, logits - row_max, -jnp.inf)), axis=-1)
     safe = jnp.where(summed > 0, summed, 1.0)
     return jnp.where(summed > 0, jnp.log(safe) + row_max[..., 0], -jnp.inf)
 

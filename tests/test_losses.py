@@ -176,6 +176,19 @@ def test_lrc_vocab_negatives():
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 
+def test_gradients_stay_finite_at_clips_maximal_scale():
+    """At exp(logit_scale) = 100 (CLIP's clamp, OpenAI CLIP's trained value) a negative can score ~200 above a
+    positive: exp of it overflows float32. Masked entries must not turn that inf into a NaN gradient."""
+    e = np.eye(3, dtype=np.float32)
+    queries, keys = e[[0, 1, 2]], np.stack([-e[0], e[1], e[0]])  # row 0: positive cos -1, a negative cos +1
+    same = np.array([[1, 0, 0], [0, 1, 1], [0, 1, 1]], bool)  # and with extra positives (LRC's duplicates)
+    for positive in (None, same):
+        loss = lambda q, k: L.masked_info_nce(q, k, np.float32(math.log(100.0)), positive=positive)  # noqa: E731
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(queries, keys)
+        assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in grads)
+        assert float(value) > 10.0  # row 0's loss is ~200 / 2 / 3 nats: large, and finite
+
+
 def test_lrc_fixed_temperature():
     """lrc_temperature=T: LRC's logits use the constant 1/T (batch and vocabulary negatives), GC keeps the learnable
     scale, and the scale's gradient comes from GC alone; 0 (absent) is the shared scale; bad values are refused."""
