@@ -454,8 +454,10 @@ def stamp_workdir(workdir: pathlib.Path, study: Study) -> None:
     settings to `study.json` or refuses a workdir holding another's."""
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = workdir / "study.json"
-    described = json.dumps({k: v for k, v in dataclasses.asdict(study).items() if k not in ("seeds", "data_dir")},
-                           sort_keys=True)
+    settings = {k: v for k, v in dataclasses.asdict(study).items() if k not in ("seeds", "data_dir")}
+    if tuple(settings["eval_splits"]) == ("val",):
+        del settings["eval_splits"]  # the default, and workdirs from before the field exist: they stay valid
+    described = json.dumps(settings, sort_keys=True)
     if stamp.exists() and stamp.read_text() != described:
         raise cli.UsageError(f"{workdir} holds a study with other settings ({stamp.read_text()}); use another "
                              f"--workdir for {described}")

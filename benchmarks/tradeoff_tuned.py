@@ -1,8 +1,9 @@
 """The trade-off study with an equal tuning budget per method: is there a HarmoCLIP without the trade-off?
 
 Protocol (declared before any result; `--print_space` writes it, docs/tradeoff_tuned_space.md holds it):
-  1. The starting point and the reference are the study's (benchmarks/tradeoff.py, same dataset, model, steps and
-     schedule): one GC-only pretraining shared by every run, and GC-only training continued for 3 seeds.
+  1. The setting is the study's (benchmarks/tradeoff.py: same dataset, model, steps and schedule): one GC-only
+     pretraining shared by every run of the sweep (its own: XLA:CPU's numerics differ between CPU kinds, so another
+     machine's pretraining is not bit-identical), and GC-only training continued for 3 seeds as the reference.
   2. Each swept method (HarmoCLIP with lexeme-level LRC, HarmoCLIP with token-level LRC, FineCLIP, CLIPSelf) gets
      the same budget: `--configs` configurations (default 8), one seed (0). Configuration 0 is the method's default
      (the study's row); the others are drawn without repetition, uniformly, from the method's declared space (loss
@@ -13,15 +14,19 @@ Protocol (declared before any result; `--print_space` writes it, docs/tradeoff_t
        balanced (the headline)  max val novel-class box top-1 subject to val mean R@1 >= GC-only's (mean of its
                                 seeds); if no configuration meets the bound, the one closest to it (highest R@1)
        region-first             max val novel-class box top-1
-       retrieval-first          max val mean R@1 subject to val novel top-1 >= GC-only's + 0.05
+       retrieval-first          max val mean R@1 subject to val novel top-1 >= GC-only's + 0.05 (if none meets
+                                it, the highest novel top-1)
   4. Each selected configuration runs seeds 1 and 2 as well; the table reports its 3 seeds on `test`, with Welch's
      t against GC-only and against the balanced FineCLIP.
+  5. `--scale_check` (after the sweep): each method's balanced pick and GC-only again on `scenes/ov` (5x the images,
+     128 px) with ViT-S/8, from their own GC pretraining, 2 seeds: does the ranking hold? (GPU-sized: ~24x the
+     FLOPs per image.)
 
 Every run is an ordinary trainer run in `<workdir>/runs/...` with its own checkpoints, resumable like the study's;
 `--shard k/n` splits the sweep over n processes (shard 0 pretrains first; the selected configurations' extra seeds
 start once every configuration has its val result).
 
-    python benchmarks/tradeoff_tuned.py                      # ~8 h on 2 CPU cores; resumable
+    python benchmarks/tradeoff_tuned.py                      # ~4-5 h on 2 CPU cores (3-5 min a run); resumable
     python benchmarks/tradeoff_tuned.py --shard 0/2 & python benchmarks/tradeoff_tuned.py --shard 1/2
     python benchmarks/tradeoff_tuned.py --report_only        # redraw docs/tradeoff_tuned.{md,json,png}
     python benchmarks/tradeoff_tuned.py --print_space        # the declared search spaces, as markdown
