@@ -116,9 +116,9 @@ def default_compiles():
 # Files by their measured CPU time, heaviest first; xdist (`--dist loadfile --no-loadscope-reorder`) hands them out in
 # this order, so the two workers do not finish one long file after the other is idle. Unlisted files follow.
 _HEAVIEST_FIRST = ("test_train_step.py", "test_resume.py", "test_siglip.py", "test_multiprocess.py", "test_eva02.py",
-                   "test_train_e2e.py", "test_losses.py", "test_models.py", "test_tradeoff.py", "test_tradeoff_tuned.py",
-                   "test_inference.py", "test_benchmarks.py", "test_readme.py", "test_convert.py", "test_lexeme_vocab.py",
-                   "test_notebooks.py", "test_accelerator_suite.py")
+                   "test_train_e2e.py", "test_losses.py", "test_models.py", "test_tradeoff.py",
+                   "test_tradeoff_tuned.py", "test_inference.py", "test_benchmarks.py", "test_readme.py",
+                   "test_convert.py", "test_lexeme_vocab.py", "test_notebooks.py", "test_accelerator_suite.py")
 
 
 # The cross-stack subset (`-m cross_stack`): what differs between the JAX versions README.md supports (XLA's

@@ -201,7 +201,8 @@ def test_lrc_fixed_temperature():
     outputs, batch = make_inputs(13)
     batch["lexeme_id"] = batch["lexeme_id"] % V
     for negatives in ("batch", "vocab"):
-        config, shared_scale = with_temperature(0.05, lrc_negatives=negatives), with_temperature(0.0, lrc_negatives=negatives)
+        config = with_temperature(0.05, lrc_negatives=negatives)
+        shared_scale = with_temperature(0.0, lrc_negatives=negatives)
         _, terms = L.total_loss(config, _select(outputs, config), batch)
         fixed = {**outputs, "logit_scale": np.float32(math.log(20.0))}
         _, want = L.total_loss(shared_scale, _select(fixed, config), batch)
