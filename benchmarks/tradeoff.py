@@ -212,18 +212,23 @@ def finetune_config(study: Study, run: Run, seed: int, init_dir: pathlib.Path):
 # ------------------------------------------------------------------------------------------------ running
 
 
-def _run_dir(workdir: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:
+def run_directory(workdir: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:
     """Where one run lives: `runs/pretrained` (one, shared) or `runs/<name>/seed<k>`."""
     return workdir / "runs" / name if name == PRETRAINED else workdir / "runs" / name / f"seed{seed}"
 
 
-def _result_path(run_dir: pathlib.Path) -> pathlib.Path:
+def result_path(run_dir: pathlib.Path) -> pathlib.Path:
     return run_dir / "result.json"
 
 
-def _optional(name: str) -> bool:
+def is_optional_metric(name: str) -> bool:
     """Whether report metric `name` (of any split) may be absent: base/novel exist on open-vocabulary data only."""
     return any(name == m or name.startswith(m + "_") for m in OPTIONAL_METRICS)
+
+
+def split_suffix(split: str) -> str:
+    """What a held-out split's metric and evaluator names end with: nothing for "val", `_<split>` otherwise."""
+    return "" if split == "val" else f"_{split}"
 
 
 def split_metrics(splits: tuple[str, ...]) -> dict:
@@ -233,9 +238,21 @@ def split_metrics(splits: tuple[str, ...]) -> dict:
     for split in splits:
         for name, key in METRICS.items():
             _, evaluator, metric = key.split("/")
-            out[name if split == "val" else f"{name}_{split}"] = (
-                key if split == "val" else f"eval/{evaluator}_{split}/{metric}")
+            out[f"{name}{split_suffix(split)}"] = f"eval/{evaluator}{split_suffix(split)}/{metric}"
     return out
+
+
+def has_metrics(result: dict, metric_keys: dict) -> bool:
+    """Whether a run's `result` holds every report metric of `metric_keys` (the optional ones may be absent)."""
+    return all(name in result["metrics"] or is_optional_metric(name) for name in metric_keys)
+
+
+def use_compilation_cache(workdir: pathlib.Path) -> None:
+    """XLA's persistent cache in `workdir`: the seeds of one run compile the same programs, and skip the recompiles."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def run_one(config, run_dir: pathlib.Path, metric_keys: dict = METRICS) -> dict:
@@ -244,13 +261,13 @@ def run_one(config, run_dir: pathlib.Path, metric_keys: dict = METRICS) -> dict:
     split added later) is evaluated again from its last checkpoint, without training."""
     from harmoclip_jax import train
 
-    path = _result_path(run_dir)
+    path = result_path(run_dir)
     earlier = json.loads(path.read_text()) if path.exists() else None
-    if earlier and all(name in earlier["metrics"] or _optional(name) for name in metric_keys):
+    if earlier and has_metrics(earlier, metric_keys):
         return earlier
     start = time.perf_counter()
     metrics = train.train_and_evaluate(config, run_dir)
-    missing = [m for name, m in metric_keys.items() if m not in metrics and not _optional(name)]
+    missing = [m for name, m in metric_keys.items() if m not in metrics and not is_optional_metric(name)]
     steps = workdir_lib.checkpoint_steps(run_dir)
     if missing and (not steps or steps[-1] < config.total_steps):  # Ctrl-C / SIGTERM: the trainer saved and returned
         raise cli.Error(f"{run_dir}: stopped at step {steps[-1] if steps else 0} of {config.total_steps} (checkpoint "
@@ -267,17 +284,13 @@ def run_one(config, run_dir: pathlib.Path, metric_keys: dict = METRICS) -> dict:
 
 
 def run_study(study: Study, workdir: pathlib.Path, names: tuple[str, ...]) -> None:
-    import jax
-
-    # Seeds of one run compile the same programs: XLA's persistent cache skips the recompiles.
-    jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    use_compilation_cache(workdir)
     todo = [(PRETRAINED, 0)] + [(name, seed) for name in names for seed in study.seeds]
     start = time.perf_counter()
     done_now = 0
     for index, (name, seed) in enumerate(todo):
-        run_dir = _run_dir(workdir, name, seed)
-        if _result_path(run_dir).exists():
+        run_dir = run_directory(workdir, name, seed)
+        if result_path(run_dir).exists():
             continue
         elapsed = time.perf_counter() - start
         remaining = len(todo) - index
@@ -288,7 +301,7 @@ def run_study(study: Study, workdir: pathlib.Path, names: tuple[str, ...]) -> No
             config = pretrain_config(study)
         else:
             run = next(r for r in RUNS if r.name == name)
-            config = finetune_config(study, run, seed, _run_dir(workdir, PRETRAINED) / "params")
+            config = finetune_config(study, run, seed, run_directory(workdir, PRETRAINED) / "params")
         run_one(config, run_dir)
         done_now += 1
     print(f"[tradeoff] all {len(todo)} runs finished ({(time.perf_counter() - start) / 60:.1f} min this time)",
@@ -302,10 +315,10 @@ def collect(workdir: pathlib.Path, study: Study) -> dict:
     """{name: {"label", "group", "seeds": [...], "per_seed": {metric: [...]}, "mean": {...}, "std": {...}}} of the
     finished runs (a partial study reports what it has)."""
     rows = {}
-    entries = [(PRETRAINED, "Pretrained CLIP (the starting point)", "start", [_run_dir(workdir, PRETRAINED)])]
-    entries += [(r.name, r.label, r.group, [_run_dir(workdir, r.name, s) for s in study.seeds]) for r in RUNS]
+    entries = [(PRETRAINED, "Pretrained CLIP (the starting point)", "start", [run_directory(workdir, PRETRAINED)])]
+    entries += [(r.name, r.label, r.group, [run_directory(workdir, r.name, s) for s in study.seeds]) for r in RUNS]
     for name, label, group, dirs in entries:
-        results = [json.loads(_result_path(d).read_text()) for d in dirs if _result_path(d).exists()]
+        results = [json.loads(result_path(d).read_text()) for d in dirs if result_path(d).exists()]
         if not results:
             continue
         per_seed = {m: [r["metrics"][m] for r in results] for m in METRICS if m in results[0]["metrics"]}
@@ -319,7 +332,7 @@ def collect(workdir: pathlib.Path, study: Study) -> dict:
     return rows
 
 
-def _cell(row: dict, metric: str) -> str:
+def format_cell(row: dict, metric: str) -> str:
     if metric not in row["mean"]:
         return "–"
     if len(row["seeds"]) == 1:
@@ -328,15 +341,16 @@ def _cell(row: dict, metric: str) -> str:
 
 
 def welch_t(row: dict, base: dict, metric: str) -> float | None:
-    """Welch's t of the difference of means (None: fewer than 2 seeds on a side, or no spread)."""
+    """Welch's t of the difference of means (None: fewer than 2 seeds on a side, or no spread: identical seeds
+    leave float noise of ~1e-17 in the std, which would divide into a meaningless t of ~1e15)."""
     n, m = len(row["seeds"]), len(base["seeds"])
     se = (row["std"][metric] ** 2 / n + base["std"][metric] ** 2 / m) ** 0.5
-    if n < 2 or m < 2 or row is base or se == 0:
+    if n < 2 or m < 2 or row is base or se < 1e-12:
         return None
     return (row["mean"][metric] - base["mean"][metric]) / se
 
 
-def _delta(row: dict, base: dict | None, metric: str) -> str:
+def format_delta(row: dict, base: dict | None, metric: str) -> str:
     """Difference of means, with Welch's t when both sides have several seeds (|t| < 2: within the noise)."""
     if base is None or row is base or metric not in row["mean"] or metric not in base["mean"]:
         return ""
@@ -360,10 +374,10 @@ def markdown_table(rows: dict, study: Study) -> str:
     lines = [study.describe(), "", "| run | " + " | ".join(heads) + " | seeds |",
              "| --- |" + " --- |" * (len(heads) + 1)]
     for name, row in rows.items():
-        cells = [_cell(row, m) for _, m in columns]
+        cells = [format_cell(row, m) for _, m in columns]
         for base_name in ("clip", "fineclip"):
             base = rows.get(base_name) if name != PRETRAINED else None
-            cells += [_delta(row, base, m) for _, m in deltas]
+            cells += [format_delta(row, base, m) for _, m in deltas]
         label = f"**{row['label']}**" if name == "harmoclip" else row["label"]
         if row["group"] == "ablation":
             label = f"ablation: {label}"

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import tradeoff  # noqa: E402
+from tradeoff import format_cell as cell, format_delta as delta  # noqa: E402
 from harmoclip_jax import cli  # noqa: E402
 from harmoclip_jax.testing.machine import cpu_description  # noqa: E402
 
@@ -116,6 +117,7 @@ SPACES = (
     }),
 )
 SPACE_NAMES = tuple(s.name for s in SPACES)
+SPACE_BY_NAME = {s.name: s for s in SPACES}
 
 
 def draw_configurations(space: Space, count: int) -> list[dict]:
@@ -165,12 +167,12 @@ NOVEL_MARGIN = 0.05
 
 
 def _novel(metrics: dict, split: str = "val") -> float:
-    suffix = "" if split == "val" else f"_{split}"
+    suffix = tradeoff.split_suffix(split)
     return metrics.get(f"box_top1_novel{suffix}", metrics[f"box_top1{suffix}"])
 
 
 def _r1(metrics: dict, split: str = "val") -> float:
-    suffix = "" if split == "val" else f"_{split}"
+    suffix = tradeoff.split_suffix(split)
     return (metrics[f"t2i_r1{suffix}"] + metrics[f"i2t_r1{suffix}"]) / 2
 
 
@@ -202,35 +204,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 # ------------------------------------------------------------------------------------------------ running
 
 
-def _run_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
-    return tradeoff._run_dir(workdir, name, seed)
-
-
 def _result(workdir: pathlib.Path, name: str, seed: int) -> dict | None:
-    path = tradeoff._result_path(_run_dir(workdir, name, seed))
+    """A run's result, if it has finished with both splits' metrics."""
+    path = tradeoff.result_path(tradeoff.run_directory(workdir, name, seed))
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    return result if all(k in result["metrics"] or tradeoff._optional(k) for k in METRIC_KEYS) else None
+    return result if tradeoff.has_metrics(result, METRIC_KEYS) else None
 
 
 def _config_for(study: tradeoff.Study, workdir: pathlib.Path, name: str, seed: int, configurations: dict):
-    init = _run_dir(workdir, tradeoff.PRETRAINED, 0) / "params"
+    init = tradeoff.run_directory(workdir, tradeoff.PRETRAINED) / "params"
     if name == tradeoff.PRETRAINED:
         return tradeoff.pretrain_config(study)
     if name == REFERENCE:
         return tradeoff.finetune_config(study, tradeoff.RUNS[0], seed, init)
     space_name, index = name.split("/cfg")
-    space = next(s for s in SPACES if s.name == space_name)
-    return tradeoff.finetune_config(study, as_run(space, int(index), configurations[space_name][int(index)], study),
-                                    seed, init)
+    run = as_run(SPACE_BY_NAME[space_name], int(index), configurations[space_name][int(index)], study)
+    return tradeoff.finetune_config(study, run, seed, init)
 
 
 def sweep_runs(configurations: dict, seeds: tuple[int, ...]) -> list[tuple[str, int]]:
     """Phase 1: the pretraining, GC-only's seeds, every configuration at seed 0."""
     runs = [(tradeoff.PRETRAINED, 0)] + [(REFERENCE, s) for s in seeds]
     for space_name, configs in configurations.items():
-        runs += [(config_name(next(s for s in SPACES if s.name == space_name), i), 0) for i in range(len(configs))]
+        runs += [(config_name(SPACE_BY_NAME[space_name], i), 0) for i in range(len(configs))]
     return runs
 
 
@@ -242,7 +240,7 @@ def selections(workdir: pathlib.Path, configurations: dict, seeds: tuple[int, ..
     ref = {k: float(np.mean([r["metrics"][k] for r in reference])) for k in reference[0]["metrics"]}
     out = {}
     for space_name, configs in configurations.items():
-        space = next(s for s in SPACES if s.name == space_name)
+        space = SPACE_BY_NAME[space_name]
         results = [_result(workdir, config_name(space, i), 0) for i in range(len(configs))]
         if any(r is None for r in results):
             return None
@@ -254,7 +252,7 @@ def final_runs(chosen: dict, seeds: tuple[int, ...]) -> list[tuple[str, int]]:
     """Phase 2: the selected configurations' other seeds (each configuration once, whatever objectives chose it)."""
     runs = []
     for space_name, picks in chosen.items():
-        space = next(s for s in SPACES if s.name == space_name)
+        space = SPACE_BY_NAME[space_name]
         for index in sorted(set(picks.values())):
             runs += [(config_name(space, index), s) for s in seeds if s != 0]  # seed 0: the sweep's run
     return runs
@@ -263,10 +261,6 @@ def final_runs(chosen: dict, seeds: tuple[int, ...]) -> list[tuple[str, int]]:
 def _run_each(study: tradeoff.Study, workdir: pathlib.Path, configurations: dict, todo: list[tuple[str, int]],
               phase: str, shard: tuple[int, int], clock: dict) -> None:
     """Trains+evaluates this shard's share of `todo` (the pretraining: shard 0's alone) that has no result yet."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     k, n = shard
     mine = [(name, seed) for i, (name, seed) in enumerate(todo)
             if (k == 0 if name == tradeoff.PRETRAINED else i % n == k)]
@@ -280,13 +274,14 @@ def _run_each(study: tradeoff.Study, workdir: pathlib.Path, configurations: dict
             if clock["done"] else ""
         print(f"[tradeoff_tuned] {phase} {index + 1}/{len(left)}: {name} seed {seed} ({elapsed / 60:.1f} min so "
               f"far{eta})", file=sys.stderr, flush=True)
-        tradeoff.run_one(_config_for(study, workdir, name, seed, configurations), _run_dir(workdir, name, seed),
-                         METRIC_KEYS)
+        tradeoff.run_one(_config_for(study, workdir, name, seed, configurations),
+                         tradeoff.run_directory(workdir, name, seed), METRIC_KEYS)
         clock["done"] += 1
 
 
 def run_all(study: tradeoff.Study, workdir: pathlib.Path, configurations: dict, shard: tuple[int, int]) -> bool:
     """Runs this shard's share of both phases; True when everything (every shard's share) has finished."""
+    tradeoff.use_compilation_cache(workdir)
     clock = {"start": time.perf_counter(), "done": 0}
     phase1 = sweep_runs(configurations, study.seeds)
     _run_each(study, workdir, configurations, phase1[:1], "pretraining", shard, clock)
@@ -296,8 +291,9 @@ def run_all(study: tradeoff.Study, workdir: pathlib.Path, configurations: dict, 
         print("[tradeoff_tuned] other shards' sweep runs are still running: rerun this command once they finish to "
               "start the selected configurations' seeds", file=sys.stderr, flush=True)
         return False
-    _run_each(study, workdir, configurations, final_runs(chosen, study.seeds), "selected seeds", shard, clock)
-    finished = all(_result(workdir, *r) is not None for r in final_runs(chosen, study.seeds))
+    finals = final_runs(chosen, study.seeds)
+    _run_each(study, workdir, configurations, finals, "selected seeds", shard, clock)
+    finished = all(_result(workdir, *r) is not None for r in finals)
     print(f"[tradeoff_tuned] this shard is done ({(time.perf_counter() - clock['start']) / 60:.1f} min this time)"
           + ("" if finished else "; other shards are still running"), file=sys.stderr, flush=True)
     return finished
@@ -320,7 +316,7 @@ def scale_study(study: tradeoff.Study) -> tradeoff.Study:
 def scale_runs(chosen: dict) -> list[tuple[str, int]]:
     runs = [(tradeoff.PRETRAINED, 0)] + [(REFERENCE, s) for s in SCALE_SEEDS]
     for space_name, picks in chosen.items():
-        space = next(s for s in SPACES if s.name == space_name)
+        space = SPACE_BY_NAME[space_name]
         runs += [(config_name(space, picks["balanced"]), s) for s in SCALE_SEEDS]
     return runs
 
@@ -333,6 +329,7 @@ def run_scale_check(study: tradeoff.Study, workdir: pathlib.Path, configurations
                         "run the command without --scale_check first")
     scale, scale_dir = scale_study(study), workdir / SCALE_DIR
     tradeoff.stamp_workdir(scale_dir, scale)
+    tradeoff.use_compilation_cache(scale_dir)
     clock = {"start": time.perf_counter(), "done": 0}
     todo = scale_runs(chosen)
     _run_each(scale, scale_dir, configurations, todo[:1], "scale-check pretraining", shard, clock)
@@ -346,8 +343,7 @@ def _summary(results: list[dict]) -> dict:
     """{"seeds", "per_seed": {metric: [...]}, "mean", "std"} with mean R@1 per split added."""
     per_seed = {m: [r["metrics"][m] for r in results] for m in results[0]["metrics"]}
     for split in SPLITS:
-        suffix = "" if split == "val" else f"_{split}"
-        per_seed[f"r1_mean{suffix}"] = [_r1(r["metrics"], split) for r in results]
+        per_seed[f"r1_mean{tradeoff.split_suffix(split)}"] = [_r1(r["metrics"], split) for r in results]
     return {"seeds": [r["seed"] for r in results], "per_seed": per_seed,
             "mean": {m: float(np.mean(v)) for m, v in per_seed.items()},
             "std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in per_seed.items()}}
@@ -363,7 +359,7 @@ def collect(workdir: pathlib.Path, configurations: dict, seeds: tuple[int, ...])
     reference = [r for s in seeds if (r := _result(workdir, REFERENCE, s))]
     out["reference"] = _summary(reference) if reference else None
     for space_name, configs in configurations.items():
-        space = next(s for s in SPACES if s.name == space_name)
+        space = SPACE_BY_NAME[space_name]
         rows = []
         for i, overrides in enumerate(configs):
             results = [r for s in seeds if (r := _result(workdir, config_name(space, i), s))]
@@ -382,34 +378,12 @@ def collect_scale_check(workdir: pathlib.Path, chosen: dict | None) -> dict | No
     reference = [r for s in SCALE_SEEDS if (r := _result(scale_dir, REFERENCE, s))]
     picks = {}
     for space_name, pick in chosen.items():
-        space = next(s for s in SPACES if s.name == space_name)
+        space = SPACE_BY_NAME[space_name]
         results = [r for s in SCALE_SEEDS if (r := _result(scale_dir, config_name(space, pick["balanced"]), s))]
         if results:
             picks[space_name] = {"index": pick["balanced"], **_summary(results)}
     return {"study": json.loads((scale_dir / "study.json").read_text()),
             "reference": _summary(reference) if reference else None, "picks": picks}
-
-
-def _welch(a: dict, b: dict, metric: str) -> float | None:
-    n, m = len(a["seeds"]), len(b["seeds"])
-    if n < 2 or m < 2:
-        return None
-    se = (a["std"][metric] ** 2 / n + b["std"][metric] ** 2 / m) ** 0.5
-    return None if se < 1e-12 else (a["mean"][metric] - b["mean"][metric]) / se  # no spread: no t
-
-
-def _cell(row: dict, metric: str) -> str:
-    if metric not in row.get("mean", {}):
-        return "–"
-    return f"{row['mean'][metric]:.3f}" + (f" ± {row['std'][metric]:.3f}" if len(row["seeds"]) > 1 else "")
-
-
-def _delta(row: dict, base: dict | None, metric: str) -> str:
-    if base is None or row is base or metric not in row.get("mean", {}):
-        return ""
-    t = _welch(row, base, metric)
-    diff = row["mean"][metric] - base["mean"][metric]
-    return f"{diff:+.3f}" if t is None else f"{diff:+.3f} (t {t:+.1f})"
 
 
 def _describe_overrides(overrides: dict) -> str:
@@ -471,10 +445,9 @@ def markdown_report(data: dict, study: tradeoff.Study, count: int) -> str:
                 rows.append((space["label"], f"{picks[objective]}: {_describe_overrides(row['overrides'])}", row))
             fine = next(r for label, _, r in rows if label.startswith("FineCLIP")) if "fineclip" in chosen else None
             for label, described, row in rows:
-                cells = [_cell(row, "box_top1_novel"), _cell(row, "r1_mean")]
-                cells += [_cell(row, m) for _, m in SUMMARY_COLUMNS]
-                cells += [_delta(row, reference, "box_top1_novel_test"), _delta(row, reference, "r1_mean_test"),
-                          _delta(row, fine, "box_top1_novel_test"), _delta(row, fine, "r1_mean_test")]
+                cells = [cell(row, m) for m in ("box_top1_novel", "r1_mean", *(m for _, m in SUMMARY_COLUMNS))]
+                cells += [delta(row, base, m) for base in (reference, fine)
+                          for m in ("box_top1_novel_test", "r1_mean_test")]
                 lines.append(f"| {label} | {described} | " + " | ".join(cells) + f" | {len(row['seeds'])} |")
             lines.append("")
     scale = data.get("scale_check")
@@ -490,16 +463,14 @@ def markdown_report(data: dict, study: tradeoff.Study, count: int) -> str:
                       for n, p in (data["selections"] or {}).items()}
         here = {n: row["mean"]["box_top1_novel_test"] for n, row in scale["picks"].items()}
         rank = lambda values, n: sorted(values, key=values.get, reverse=True).index(n) + 1  # noqa: E731
-        ref = scale["reference"]
+        ref, shown = scale["reference"], ("box_top1_novel_test", "r1_mean_test", "seg_miou_test")
         if ref:
-            lines.append(f"| GC-only (continued) | default | {_cell(ref, 'box_top1_novel_test')} | "
-                         f"{_cell(ref, 'r1_mean_test')} | {_cell(ref, 'seg_miou_test')} |  |  |  | "
-                         f"{len(ref['seeds'])} |")
+            lines.append("| GC-only (continued) | default | " + " | ".join(cell(ref, m) for m in shown)
+                         + f" |  |  |  | {len(ref['seeds'])} |")
         for name, row in scale["picks"].items():
-            lines.append(f"| {data['spaces'][name]['label']} | {row['index']} | {_cell(row, 'box_top1_novel_test')} | "
-                         f"{_cell(row, 'r1_mean_test')} | {_cell(row, 'seg_miou_test')} | "
-                         f"{_delta(row, ref, 'box_top1_novel_test')} | {_delta(row, ref, 'r1_mean_test')} | "
-                         f"{rank(here, name)} ({rank(main_novel, name)}) | {len(row['seeds'])} |")
+            lines.append(f"| {data['spaces'][name]['label']} | {row['index']} | "
+                         + " | ".join([*(cell(row, m) for m in shown), *(delta(row, ref, m) for m in shown[:2])])
+                         + f" | {rank(here, name)} ({rank(main_novel, name)}) | {len(row['seeds'])} |")
         lines.append("")
     lines += ["### Every configuration (seed 0; val selects, test reports)", "",
               "| method | # | configuration | val novel | val mean R@1 | test novel | test mean R@1 | test seg mIoU |",
